@@ -1,0 +1,1 @@
+"""Inference: sliding-window and slice-by-slice prediction, padding, flip test-time augmentation."""
