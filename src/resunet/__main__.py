@@ -1,0 +1,3 @@
+from resunet.cli import main
+
+main()
