@@ -115,7 +115,11 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _warn_if_training(net: Model) -> None:
-    if isinstance(net, nn.Module) and net.training:
+    """Warn when dropout or batch norm would behave as in training (the caller forgot eval())."""
+    if not isinstance(net, nn.Module):
+        return
+    live = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    if any(m.training and isinstance(m, live) for m in net.modules()):
         import warnings
 
         warnings.warn(
@@ -711,7 +715,9 @@ def flip_tta(
     normal = []
     for a in axes:
         if not -x.ndim <= a < x.ndim:
-            raise ConfigError(f"flip axis {a} is out of range for an input of shape {tuple(x.shape)}")
+            raise ConfigError(
+                f"flip axis {a} is out of range for an input of shape {tuple(x.shape)}"
+            )
         normal.append(a % x.ndim)
     if len(set(normal)) != len(normal):
         raise ConfigError(f"flip axes {axes} repeat an axis")
