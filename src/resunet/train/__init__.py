@@ -1,0 +1,1 @@
+"""Training: configuration, the loop and its parts (steps, stages, checkpoints, logging, DDP)."""

@@ -1,0 +1,101 @@
+"""Checkpoints: one file holding weights, model config, preprocessing config and label names.
+
+Files are written atomically (temporary file, fsync, rename) and read with
+``torch.load(weights_only=True)`` -- no pickled code is ever executed. A SHA-256 of the weights is
+stored and checked on load, so a corrupted file is refused instead of silently predicting garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resunet.data.io import atomic_write
+from resunet.errors import ModelError
+
+FORMAT = "resunet-checkpoint"
+VERSION = 1
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over tensor names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (must hold ``state_dict``) atomically, adding format tags and checksum."""
+    state = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
+    full = {**payload, "state_dict": state, "format": FORMAT, "version": VERSION,
+            "weights_sha256": weights_digest(state)}
+    buffer = io.BytesIO()
+    torch.save(full, buffer)
+    with atomic_write(Path(path)) as tmp:
+        Path(tmp).write_bytes(buffer.getvalue())
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and verify a checkpoint; every failure is a `ModelError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run folder")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, pickled code refused
+        raise ModelError(
+            f"{path} is not a readable resunet checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "it may be truncated or of another format -- re-export it from the run folder"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path} is a torch file but not a resunet checkpoint (no '{FORMAT}' tag)")
+    if payload.get("version", 0) > VERSION:
+        raise ModelError(f"{path} was written by a newer resunet (format {payload['version']}); upgrade resunet")
+    digest = weights_digest(payload["state_dict"])
+    if digest != payload.get("weights_sha256"):
+        raise ModelError(f"{path} failed its checksum (weights corrupted); use another copy of the checkpoint")
+    return payload
+
+
+@dataclass
+class TransferReport:
+    """What `load_matching_weights` did: tensors loaded, and tensors skipped with the reason."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> TransferReport:
+    """Copy every tensor whose name and shape match ``model``; report the rest (transfer learning)."""
+    own = model.state_dict()
+    report = TransferReport()
+    matched = {}
+    for name, tensor in state_dict.items():
+        if name not in own:
+            report.skipped.append((name, "not in this model"))
+        elif own[name].shape != tensor.shape:
+            report.skipped.append((name, f"shape {tuple(tensor.shape)} != {tuple(own[name].shape)}"))
+        else:
+            matched[name] = tensor
+            report.loaded.append(name)
+    for name in own:
+        if name not in state_dict:
+            report.skipped.append((name, "not in the checkpoint (kept its initial value)"))
+    model.load_state_dict(matched, strict=False)
+    return report

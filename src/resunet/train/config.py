@@ -1,0 +1,203 @@
+"""One pydantic model describing a training run; read from YAML, overridable from the CLI.
+
+The resolved config is written to ``<run>/config.yaml`` and stored in every checkpoint, so a run
+can be repeated and a checkpoint can be predicted with nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from resunet.data.augment import AugmentConfig
+from resunet.data.preprocess import PreprocessConfig
+from resunet.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the cases come from, how they are split, preprocessed and sampled."""
+
+    dataset: Path = Field(description="nnU-Net / Decathlon / images+masks folder")
+    cache_dir: Path | None = Field(None, description="preprocessed cache; default ~/.cache/resunet")
+    val_cases: list[str] = Field(default_factory=list, description="explicit validation case ids")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="used when val_cases is empty")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    mode: Literal["2d", "3d"] = "2d"
+    context: int = Field(0, ge=0, description="2.5-D: neighbouring slices on each side as channels")
+    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
+
+
+class ModelConfig(_Strict):
+    name: Literal["resunet", "unet", "attention_unet"] = "resunet"
+    base_channels: int = Field(32, ge=1)
+    depth: int = Field(5, ge=2, le=7)
+
+
+class LossConfig(_Strict):
+    dice_weight: float = Field(0.5, ge=0.0)
+    focal_weight: float = Field(0.5, ge=0.0)
+    alpha: float | None = Field(0.7, ge=0.0, le=1.0)
+    gamma: float = Field(2.0, ge=0.0)
+    batch_dice: bool = True
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.99, ge=0.0, lt=1.0, description="SGD only (nesterov)")
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_iterations: int = Field(0, ge=0)
+    poly_exponent: float = Field(0.9, gt=0.0)
+
+
+class StageConfig(_Strict):
+    """One stage of a multi-stage run: its own patch / slice size, batch size, epochs, LR scale."""
+
+    patch_size: list[int] = Field(description="(H, W) for 2-D, (D, H, W) for 3-D, in voxels")
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    iterations_per_epoch: int = Field(50, ge=1)
+    lr_scale: float = Field(1.0, gt=0.0, description="multiplies optimizer.lr during this stage")
+
+
+class TrainConfig(_Strict):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [
+            StageConfig(patch_size=[128, 128], batch_size=16, epochs=20),
+            StageConfig(patch_size=[256, 256], batch_size=4, epochs=10),
+        ],
+        min_length=1,
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    amp: bool = False
+    channels_last: bool = False
+    val_interval: int = Field(1, ge=1, description="validate every N epochs")
+    val_batch_size: int = Field(8, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: Path = Path("runs/resunet")
+    init_from: Path | None = None
+    freeze_encoder_epochs: int = Field(0, ge=0)
+    max_minutes: float | None = Field(
+        None, gt=0, description="wall-clock budget: no new epoch starts once the next one would exceed it"
+    )
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "TrainConfig":
+        dims = 2 if self.data.mode == "2d" else 3
+        for i, stage in enumerate(self.stages):
+            if len(stage.patch_size) != dims:
+                raise ValueError(
+                    f"stages[{i}].patch_size has {len(stage.patch_size)} values; mode {self.data.mode} needs {dims}"
+                )
+            div = 2 ** (self.model.depth - 1)
+            if any(s % div for s in stage.patch_size):
+                raise ValueError(
+                    f"stages[{i}].patch_size {stage.patch_size} must be divisible by {div} (2**(depth-1))"
+                )
+        if self.data.context and self.data.mode != "2d":
+            raise ValueError("data.context (2.5-D) needs data.mode '2d'")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see `resunet train --help`)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid training configuration in {source}:\n" + "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["data.mode=3d", "stages.0.epochs=5"]`` -> nested dict (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = _merge(base.get(k), v) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(override, dict) and all(str(k).isdigit() for k in override):
+        out_list = list(base)
+        for k, v in override.items():
+            i = int(k)
+            if i >= len(out_list):
+                raise ConfigError(f"override index {i} is out of range (list has {len(out_list)} items)")
+            out_list[i] = _merge(out_list[i], v)
+        return out_list
+    return override
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML file (optional), apply nested ``overrides``, validate."""
+    tree: dict[str, Any] = {}
+    source = "the command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...)")
+    if overrides:
+        tree = _merge(tree, overrides)
+    return config_from_dict(tree, source)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "the configuration") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,48 @@
+"""Multi-stage plan and learning-rate schedule.
+
+A run is a list of stages (e.g. 128 px / batch 16, then 256 px / batch 4) trained one after the
+other on the same weights. The LR schedule runs over the iterations of ALL stages, times each
+stage's ``lr_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from resunet.train.config import ScheduleConfig, StageConfig
+
+
+def stage_for_epoch(stages: Sequence[StageConfig], epoch: int) -> tuple[int, StageConfig]:
+    """Index and config of the stage that trains ``epoch`` (0-based)."""
+    end = 0
+    for i, stage in enumerate(stages):
+        end += stage.epochs
+        if epoch < end:
+            return i, stage
+    raise ValueError(f"epoch {epoch} is past the last stage (total {end} epochs)")
+
+
+def lr_factor(schedule: ScheduleConfig, stages: Sequence[StageConfig]) -> Callable[[int], float]:
+    """Multiplier of the base LR at global iteration ``it`` (for `torch.optim.lr_scheduler.LambdaLR`)."""
+    bounds = []  # (first iteration of the stage, lr_scale)
+    start = 0
+    for stage in stages:
+        bounds.append((start, stage.lr_scale))
+        start += stage.epochs * stage.iterations_per_epoch
+    total = max(1, start)
+
+    def factor(it: int) -> float:
+        scale = next(s for first, s in reversed(bounds) if it >= first)
+        if schedule.warmup_iterations and it < schedule.warmup_iterations:
+            return scale * (it + 1) / schedule.warmup_iterations
+        progress = min(1.0, it / total)
+        if schedule.kind == "poly":
+            base = (1.0 - progress) ** schedule.poly_exponent
+        elif schedule.kind == "cosine":
+            base = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            base = 1.0
+        return scale * max(base, 1e-3)
+
+    return factor

@@ -1,0 +1,92 @@
+"""One optimisation step and one validation pass: the two functions the training loop calls."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from resunet.infer.postprocess import logits_to_labels
+from resunet.infer.predictor import predict_case_logits
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CPU, fp16 on CUDA; a no-op context when ``amp`` is False."""
+    if not amp:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: bool,
+    frozen: Sequence[nn.Parameter] = (),
+) -> float:
+    """Forward, loss, backward, optimiser step. ``images`` ``(B, C, *S)``, ``labels`` ``(B, 1, *S)``.
+
+    Parameters in ``frozen`` get no update (their gradients are dropped before the step).
+    Returns the loss as a float.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(images.device, amp):
+        logits = model(images)
+    loss = loss_fn(logits.float(), labels)
+    scaler.scale(loss).backward()
+    for p in frozen:
+        p.grad = None
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validation_counts(
+    model: nn.Module,
+    cases: Sequence,
+    loss_fn: nn.Module,
+    num_classes: int,
+    device: torch.device,
+    **predict_kwargs,
+) -> torch.Tensor:
+    """Sum over ``cases`` of [loss, TP, FP, FN per foreground class] as one float64 tensor.
+
+    Layout: ``[loss_sum, n_cases, tp_1.., fp_1.., fn_1..]`` (classes 1..K-1); summed over DDP ranks
+    by the caller, then turned into global (pooled-voxel) Dice per class.
+    """
+    model.eval()
+    fg = max(1, num_classes - 1)
+    out = torch.zeros(2 + 3 * fg, dtype=torch.float64)
+    for case in cases:
+        image = torch.from_numpy(case.image[:].copy()).to(device)
+        label = torch.from_numpy(case.label[:].astype("int64")).to(device)
+        logits = predict_case_logits(model, image, **predict_kwargs)
+        out[0] += float(loss_fn(logits[None].float(), label[None]))
+        out[1] += 1
+        pred = logits_to_labels(logits).long()
+        for c in range(1, fg + 1):
+            p, g = pred == c, label == c
+            out[1 + c] += float((p & g).sum())
+            out[1 + fg + c] += float((p & ~g).sum())
+            out[1 + 2 * fg + c] += float((~p & g).sum())
+    return out
+
+
+def dice_from_counts(counts: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
+    """(mean validation loss, Dice per foreground class) from summed `validation_counts`."""
+    fg = max(1, num_classes - 1)
+    loss = float(counts[0] / counts[1].clamp_min(1))
+    tp, fp, fn = counts[2 : 2 + fg], counts[2 + fg : 2 + 2 * fg], counts[2 + 2 * fg :]
+    denom = 2 * tp + fp + fn
+    dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.ones_like(tp))
+    return loss, [float(d) for d in dice]

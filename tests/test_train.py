@@ -1,0 +1,201 @@
+"""Training engine on a tiny crop of the real MNI152 MRI (the demo's data, 48x48 in-plane)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from resunet import ResunetError
+from resunet.demo import prepare_dataset
+from resunet.infer.predictor import Predictor
+from resunet.train.checkpoint import load_checkpoint, save_checkpoint
+from resunet.train.config import config_from_dict, load_config, parse_overrides
+from resunet.train.stages import lr_factor, stage_for_epoch
+from resunet.train.trainer import fit
+
+BOX = (slice(90, 138), slice(70, 118))  # 48 x 48 voxels through both hemispheres' cortex and WM
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mni") / "dataset"
+    return prepare_dataset(root, z_range=(70, 94), thickness=6, test_slabs=(3,), box=BOX)
+
+
+def tiny_config(dataset: Path, out: Path, **changes) -> dict:
+    cfg = {
+        "data": {"dataset": str(dataset), "cache_dir": str(out / "cache"), "val_cases": ["mni_slab2"],
+                 "preprocess": {"modality": "mr"}, "mode": "2d", "context": 1, "foreground_fraction": 0.5},
+        "model": {"name": "resunet", "base_channels": 4, "depth": 3},
+        "optimizer": {"lr": 0.01},
+        "stages": [{"patch_size": [32, 32], "batch_size": 8, "epochs": 2, "iterations_per_epoch": 6},
+                   {"patch_size": [48, 48], "batch_size": 2, "epochs": 1, "iterations_per_epoch": 6}],
+        "seed": 3,
+        "deterministic": True,
+        "output_dir": str(out / "run"),
+    }
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[last] = value
+    return cfg
+
+
+def read_metrics(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_loss_raises_dice_and_writes_the_run_folder(tiny_dataset, tmp_path):
+    cfg = config_from_dict(tiny_config(tiny_dataset, tmp_path, **{"stages.0.epochs": 4}))
+    result = fit(cfg)
+    run = result.run_dir
+    rows = read_metrics(run)
+    assert len(rows) == 5
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_dice_mean"]) > float(rows[0]["val_dice_mean"])
+    for name in ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the written config reproduces the run's config
+    assert config_from_dict(yaml.safe_load((run / "config.yaml").read_text())) == cfg
+    # multi-stage: stage and patch size switch after the first stage's epochs
+    assert [int(r["stage"]) for r in rows] == [1, 1, 1, 1, 2]
+    best = load_checkpoint(run / "best.pt")
+    assert best["inference"]["patch_size"] in ([32, 32], [48, 48])
+    assert best["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2}
+    assert "training_state" not in best and "training_state" in load_checkpoint(run / "last.pt")
+
+
+def test_stage_plan_and_lr_schedule():
+    cfg = config_from_dict(tiny_config(Path("."), Path("."), **{"schedule": {"kind": "poly", "warmup_iterations": 2}}))
+    assert [stage_for_epoch(cfg.stages, e)[0] for e in range(3)] == [0, 0, 1]
+    with pytest.raises(ValueError):
+        stage_for_epoch(cfg.stages, 3)
+    f = lr_factor(cfg.schedule, cfg.stages)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)  # warm-up
+    assert f(2) > f(10) > f(17) > 0  # poly decay over all 18 iterations
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_dataset, tmp_path):
+    full = fit(config_from_dict(tiny_config(tiny_dataset, tmp_path / "a")))
+    # "interrupted" run: only the first 2 epochs (same plan), then --resume to the end
+    part = config_from_dict(tiny_config(tiny_dataset, tmp_path / "b"))
+    first = part.model_copy(deep=True)
+    first.max_minutes = None
+    # stop after epoch 2 by running with an epoch budget, then restore the full plan
+    first.stages[1].epochs = 1
+    first_stages = [s.model_copy() for s in first.stages]
+    first.stages = first_stages[:1]
+    fit(first)
+    # the checkpoint of epoch 2 continues under the complete plan
+    resumed = fit(part, resume=True)
+    assert resumed.epochs_run == 1
+    a = load_checkpoint(full.run_dir / "last.pt")["state_dict"]
+    b = load_checkpoint(resumed.run_dir / "last.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_init_from_loads_matching_tensors_and_reports_skipped(tiny_dataset, tmp_path, capsys):
+    src = fit(config_from_dict(tiny_config(tiny_dataset, tmp_path / "src", **{"stages": [
+        {"patch_size": [32, 32], "batch_size": 4, "epochs": 1, "iterations_per_epoch": 2}]})))
+    # a binary target would change the head; here the input differs: context 0 -> 1 channel in
+    cfg = config_from_dict(tiny_config(
+        tiny_dataset, tmp_path / "dst", **{"data.context": 0, "init_from": str(src.run_dir / "best.pt"),
+                                           "freeze_encoder_epochs": 1,
+                                           "stages": [{"patch_size": [32, 32], "batch_size": 4, "epochs": 1,
+                                                       "iterations_per_epoch": 2}]}))
+    fit(cfg)
+    err = capsys.readouterr().err
+    assert "skipped encoders.0.body.0.weight: shape (4, 3, 3, 3) != (4, 1, 3, 3)" in " ".join(err.split())
+    src_w = load_checkpoint(src.run_dir / "best.pt")["state_dict"]
+    dst_w = load_checkpoint(tmp_path / "dst" / "run" / "last.pt")["state_dict"]
+    # frozen encoder (epoch 0 < freeze_encoder_epochs): transferred encoder weights unchanged
+    assert torch.equal(src_w["encoders.1.body.0.weight"], dst_w["encoders.1.body.0.weight"])
+    # the decoder was loaded and then trained
+    assert not torch.equal(src_w["decoders.0.body.0.weight"], dst_w["decoders.0.body.0.weight"])
+
+
+def test_trained_checkpoint_predicts_in_the_input_geometry(tiny_dataset, tmp_path):
+    from resunet.data.io import read_volume
+
+    run = fit(config_from_dict(tiny_config(tiny_dataset, tmp_path))).run_dir
+    image = read_volume(tiny_dataset / "imagesTs" / "mni_slab3_0000.nii.gz")
+    mask = Predictor.from_file(run / "best.pt").predict([image])
+    assert mask.array.shape == image.array.shape and mask.array.dtype == np.uint8
+    assert set(np.unique(mask.array)) <= {0, 1, 2}
+    assert mask.same_geometry(image)
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+    good = tiny_config(tmp_path, tmp_path)
+    bad_key = tiny_config(tmp_path, tmp_path)
+    bad_key["optimizer"]["learning_rate"] = 0.1
+    with pytest.raises(ResunetError, match=r"optimizer\.learning_rate: unknown key"):
+        config_from_dict(bad_key)
+    bad_type = tiny_config(tmp_path, tmp_path, **{"stages.0.batch_size": "many"})
+    with pytest.raises(ResunetError, match=r"stages\.0\.batch_size"):
+        config_from_dict(bad_type)
+    with pytest.raises(ResunetError, match="divisible by 4"):
+        config_from_dict(tiny_config(tmp_path, tmp_path, **{"stages.0.patch_size": [30, 32]}))
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: [unclosed")
+    with pytest.raises(ResunetError, match="not valid YAML"):
+        load_config(path)
+    path.write_text(yaml.safe_dump(good))
+    cfg = load_config(path, parse_overrides(["stages.1.epochs=7", "amp=true"]))
+    assert cfg.stages[1].epochs == 7 and cfg.amp is True
+    with pytest.raises(ResunetError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_refuses_to_overwrite_an_existing_run(tiny_dataset, tmp_path):
+    cfg = config_from_dict(tiny_config(tiny_dataset, tmp_path, **{"stages": [
+        {"patch_size": [32, 32], "batch_size": 2, "epochs": 1, "iterations_per_epoch": 1}]}))
+    fit(cfg)
+    with pytest.raises(ResunetError, match="--resume"):
+        fit(cfg)
+
+
+def test_corrupted_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, {"state_dict": {"w": torch.ones(3)}})
+    data = bytearray(path.read_bytes())
+    raw = torch.ones(3).numpy().tobytes()
+    i = bytes(data).find(raw)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ResunetError, match="checksum"):
+        load_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ResunetError, match="not a readable resunet checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_torchrun(tiny_dataset, tmp_path):
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_dataset, tmp_path, **{"stages": [
+        {"patch_size": [32, 32], "batch_size": 4, "epochs": 2, "iterations_per_epoch": 3}]})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+         "-m", "resunet", "train", "--config", str(cfg_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["epoch"] >= 1
+    assert len(read_metrics(tmp_path / "run")) == 2  # one writer: rank 0
+    Predictor(ckpt)  # the rank-0 checkpoint loads into a model
