@@ -303,3 +303,13 @@ def test_preprocess_rejects_mismatched_inputs():
         preprocess_case([a], a.with_array(np.full((4, 5, 6), 0.5)), PreprocessConfig())
     with pytest.raises(ConfigError):
         preprocess_case([a], None, {"target_spacing": (1.0, 1.0)})
+
+
+def test_fixed_normalisation_uses_the_given_statistics():
+    from resunet.data.preprocess import PreprocessConfig, preprocess_case
+    from resunet.data.volume import Volume
+
+    image = Volume(np.array([[[0.0, 100.0], [200.0, 300.0]]]), (1, 1, 1), (0, 0, 0), np.eye(3))
+    cfg = PreprocessConfig(normalization="fixed", intensity_mean=100.0, intensity_std=50.0, crop_to_nonzero=False)
+    out = preprocess_case([image], None, cfg).image
+    assert np.allclose(out, [[[[-2.0, 0.0], [2.0, 4.0]]]])

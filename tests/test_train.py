@@ -199,3 +199,8 @@ def test_two_process_ddp_with_torchrun(tiny_dataset, tmp_path):
     assert ckpt["epoch"] >= 1
     assert len(read_metrics(tmp_path / "run")) == 2  # one writer: rank 0
     Predictor(ckpt)  # the rank-0 checkpoint loads into a model
+
+
+def test_example_config_in_the_repository_is_valid():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "ct_2d.yaml")
+    assert cfg.stages[0].batch_size == 16 and cfg.stages[1].patch_size == [256, 256]

@@ -111,6 +111,111 @@ def demo(
     run_demo(out, minutes)
 
 
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
+    input: Path = typer.Option(..., "--input", "-i", help="Image file, DICOM series folder, or folder of cases."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (or file name for a single case)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flipped inputs (slower, smoother)."),
+    batch_size: int = typer.Option(8, help="Slices / windows per forward pass."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    amp: bool = typer.Option(False, "--amp", help="bf16 (CPU) / fp16 (GPU) autocast."),
+    largest_component: bool = typer.Option(False, help="Keep the largest connected component per class."),
+    fill_holes: bool = typer.Option(False, help="Fill holes enclosed by one class."),
+    min_size: int = typer.Option(0, help="Remove components smaller than this many voxels."),
+) -> None:
+    """Segment images with a trained model; masks are written in the input's geometry."""
+    from resunet.infer.run import predict_inputs
+    from resunet.infer.predictor import PostprocessConfig, Predictor
+
+    if device == "cuda" and not __import__("torch").cuda.is_available():
+        raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    predictor = Predictor.from_file(
+        model, device=device, batch_size=batch_size, tta=tta, amp=amp,
+        postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
+    )
+    written, failed = predict_inputs(predictor, input, output)
+    console.print(f"{len(written)} case(s) written to {output}")
+    if failed:
+        lines = "\n".join(f"  {case}: {why}" for case, why in failed.items())
+        raise ResunetError(f"{len(failed)} case(s) failed (the others were written):\n{lines}")
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps."),
+    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth label maps (same file names)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the CSVs (default: --pred)."),
+    labels: Optional[Path] = typer.Option(None, help="dataset.json holding the label names (default: values found)."),
+    tolerance_mm: float = typer.Option(1.0, "--tolerance", help="Surface Dice / boundary F1 tolerance in mm."),
+) -> None:
+    """Dice, IoU, sensitivity, specificity, precision, HD95, ASSD, surface Dice, boundary F1 per case and class."""
+    import json
+
+    import numpy as np
+
+    from resunet.data.io import read_volume
+    from resunet.evaluation import case_files, evaluate_folders, write_evaluation
+
+    if tolerance_mm < 0:
+        raise ResunetError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
+    if labels is not None:
+        try:
+            names = {str(k): int(v) for k, v in json.loads(labels.read_text())["labels"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ResunetError(f"{labels}: cannot read a 'labels' mapping ({err}); pass an nnU-Net dataset.json") from None
+    else:
+        values = set()
+        for path in case_files(gt).values():
+            values |= {int(v) for v in np.unique(read_volume(path).array)}
+        names = {f"label_{v}": v for v in sorted(values)}
+    result = evaluate_folders(pred, gt, names, tolerance_mm)
+    paths = write_evaluation(result, out or pred)
+    table = Table(title=f"{len({r['case'] for r in result.rows})} case(s): mean ± sd")
+    metrics = ("dice", "iou", "hd95", "assd", "surface_dice", "boundary_f1")
+    table.add_column("class")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    summary = result.summary()
+    for label, name in sorted({(r["label"], r["name"]) for r in summary}):
+        get = {r["metric"]: r for r in summary if r["label"] == label}
+        table.add_row(name, *[f"{get[m]['mean']:.4f} ± {get[m]['sd']:.4f}" for m in metrics])
+    console.print(table)
+    for what, cases in (("no prediction", result.missing_pred), ("no ground truth", result.missing_gt)):
+        if cases:
+            console.print(f"[yellow]{len(cases)} case(s) with {what}:[/] {', '.join(cases)}")
+    for case, why in result.failed.items():
+        console.print(f"[red]{case} failed:[/] {why}")
+    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command()
+def compare(
+    dataset: Path = typer.Argument(..., help="Dataset folder (nnU-Net / Decathlon / images+masks)."),
+    models: str = typer.Option("unet,attention_unet,resunet", help="Comma-separated model names."),
+    minutes: float = typer.Option(8.0, "--budget", help="Training budget per model, in minutes."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Shared training config (default: the demo recipe)."),
+    out: Path = typer.Option(Path("resunet-compare"), "--out", "-o", help="Output folder."),
+) -> None:
+    """Train several networks under the same budget and compare Dice, HD95, boundary F1, size and speed."""
+    from resunet.compare import compare_models
+    from resunet.demo import demo_config
+    from resunet.nets import MODELS
+    from resunet.train.config import load_config
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        raise ResunetError(f"unknown model(s) {unknown}; valid names: {', '.join(MODELS)}")
+    if minutes <= 0:
+        raise ResunetError(f"--budget must be positive, got {minutes}")
+    if config is not None:
+        base = load_config(config, {"data": {"dataset": str(dataset)}})
+    else:
+        base = demo_config(dataset, out, minutes)
+    compare_models(base, names, out, minutes)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     try:

@@ -230,12 +230,13 @@ def _build_one(
     directory: Path,
     key: str,
     reader: Callable[[Path], Any],
+    label_reader: Callable[[Path], Any],
 ) -> None:
     case_id = str(case.case_id)
     images, label = _case_files(case)
     try:
         volumes = [reader(p) for p in images]
-        label_volume = None if label is None else reader(label)
+        label_volume = None if label is None else label_reader(label)
         pre: PreprocessedCase = preprocess_case(volumes, label_volume, config)
     except ResunetError as exc:
         raise type(exc)(f"case {case_id}: {exc}") from exc
@@ -272,12 +273,14 @@ def build_cache(
     cache_dir: Path | str,
     progress: bool = True,
     reader: Callable[[Path], Any] | None = None,
+    label_reader: Callable[[Path], Any] | None = None,
 ) -> CacheIndex:
     """Preprocess every case not yet cached under ``cache_dir/<fingerprint>/``.
 
     ``cases``: objects with ``case_id``, ``images`` (paths) and ``label`` (path or None), e.g.
     :class:`resunet.data.datasets.Case`. ``reader`` (default :func:`resunet.data.io.read_volume`)
-    turns a path into a :class:`Volume`. Cases already cached with the same key are not read
+    turns a path into a :class:`Volume`; ``label_reader`` (default ``reader``) reads label files,
+    e.g. ``lambda p: datasets.read_label(p, info)`` so picture masks follow the dataset's rule. Cases already cached with the same key are not read
     again. ``progress`` shows a rich progress bar.
     """
     config = _config(config)
@@ -326,7 +329,7 @@ def build_cache(
             task = bar.add_task("Preprocessing", total=len(todo), case="")
             for case_id, case in todo:
                 bar.update(task, case=case_id)
-                _build_one(case, config, directory, keys[case_id], read)
+                _build_one(case, config, directory, keys[case_id], read, label_reader or read)
                 index.built.append(case_id)
                 bar.advance(task)
     if todo or not (directory / "index.json").exists():

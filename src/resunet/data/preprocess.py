@@ -475,8 +475,12 @@ class PreprocessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     modality: Literal["ct", "mr", "none"] = "none"
-    #: "auto": CT -> "ct_window", MR and "none" -> "zscore".
-    normalization: Literal["auto", "ct_window", "zscore", "minmax", "none"] = "auto"
+    #: "auto": CT -> "ct_window", MR and "none" -> "zscore". "fixed": ``(x - intensity_mean) /
+    #: intensity_std`` with dataset-wide statistics (nnU-Net's CT scheme; also right when every
+    #: case comes from one calibrated scan, where per-case statistics would differ by content).
+    normalization: Literal["auto", "ct_window", "zscore", "minmax", "fixed", "none"] = "auto"
+    intensity_mean: float = 0.0
+    intensity_std: float = Field(default=1.0, gt=0)
     #: a CT_WINDOW_PRESETS name, a fixed ``(width, level)`` in HU, or "dynamic" (per image:
     #: percentiles ``dynamic_percentiles`` of the voxels above ``dynamic_threshold_hu``).
     ct_window: str | tuple[float, float] = "abdomen"
@@ -630,6 +634,8 @@ def _normalise(image: np.ndarray, cfg: PreprocessConfig, spatial_ndim: int) -> n
         for c in range(image.shape[0]):
             out[c] = zscore(image[c], mask)
         return out
+    if method == "fixed":
+        return ((image - cfg.intensity_mean) / cfg.intensity_std).astype(np.float32)
     if method == "minmax":
         for c in range(image.shape[0]):
             out[c] = _minmax(image[c])

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.augment import augment_batch
 from resunet.data.cache import CachedCase, build_cache
-from resunet.data.datasets import DatasetInfo, find_dataset, validate_dataset
+from resunet.data.datasets import DatasetInfo, find_dataset, read_label, validate_dataset
 from resunet.data.io import atomic_write
 from resunet.data.sampling import PatchSampler
 from resunet.errors import ConfigError, InputError
@@ -138,11 +138,15 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     train_ids, val_ids = split_cases(info, config)
 
     cache_dir = Path(config.data.cache_dir or default_cache_dir())
+    def label_reader(path: Path):
+        return read_label(path, info)
+
     if dist_info.is_main:
-        index = build_cache(info.training, config.data.preprocess, cache_dir, progress=True)
+        index = build_cache(info.training, config.data.preprocess, cache_dir, label_reader=label_reader)
     barrier(dist_info)
     if not dist_info.is_main:
-        index = build_cache(info.training, config.data.preprocess, cache_dir, progress=False)
+        index = build_cache(info.training, config.data.preprocess, cache_dir, progress=False,
+                            label_reader=label_reader)
     train_cases: list[CachedCase] = [index.load(i) for i in train_ids]
     val_cases: list[CachedCase] = [index.load(i) for i in val_ids]
 
