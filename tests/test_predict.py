@@ -122,7 +122,7 @@ def test_evaluate_numbers_equal_the_metrics_module(tmp_path):
     labels_json = tmp_path / "dataset.json"
     labels_json.write_text('{"labels": {"background": 0, "organ": 1, "lesion": 2}}')
     r = run_cli("evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--labels", str(labels_json),
-                "--tolerance", "2", "--out", str(tmp_path / "eval"))
+                "--tolerance", "2", "--out", str(tmp_path / "eval"), "--images", str(gt_dir))
     assert r.returncode == 0, r.stderr
     assert "only_gt" in r.stdout  # missing prediction listed
     rows = list(csv.DictReader(open(tmp_path / "eval" / "per_case.csv")))
@@ -136,6 +136,10 @@ def test_evaluate_numbers_equal_the_metrics_module(tmp_path):
             assert float(row[metric]) == pytest.approx(value, rel=1e-9), metric
     md = (tmp_path / "eval" / "summary.md").read_text()
     assert "| organ (1) |" in md and "| lesion (2) |" in md
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "worst: c" in report and "only_gt" in report
+    overlays = sorted((tmp_path / "eval" / "overlays").glob("*.png"))
+    assert overlays and all(p.read_bytes()[:4] == b"\x89PNG" for p in overlays)
 
 
 def test_evaluate_reports_a_broken_case_and_continues(tmp_path):

@@ -86,25 +86,38 @@ def test_stage_plan_and_lr_schedule():
     assert f(2) > f(10) > f(17) > 0  # poly decay over all 18 iterations
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_dataset, tmp_path):
-    full = fit(config_from_dict(tiny_config(tiny_dataset, tmp_path / "a")))
-    # "interrupted" run: only the first 2 epochs (same plan), then --resume to the end
-    part = config_from_dict(tiny_config(tiny_dataset, tmp_path / "b"))
-    first = part.model_copy(deep=True)
-    first.max_minutes = None
-    # stop after epoch 2 by running with an epoch budget, then restore the full plan
-    first.stages[1].epochs = 1
-    first_stages = [s.model_copy() for s in first.stages]
-    first.stages = first_stages[:1]
-    fit(first)
-    # the checkpoint of epoch 2 continues under the complete plan
-    resumed = fit(part, resume=True)
-    assert resumed.epochs_run == 1
-    a = load_checkpoint(full.run_dir / "last.pt")["state_dict"]
-    b = load_checkpoint(resumed.run_dir / "last.pt")["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+def test_resume_after_sigkill_gives_the_same_weights(tiny_dataset, tmp_path):
+    """Kill a training process mid-run, resume it, and get bit-identical weights (deterministic CPU)."""
+    import signal
+    import time
+
+    plan = {"stages": [{"patch_size": [32, 32], "batch_size": 4, "epochs": 4, "iterations_per_epoch": 3},
+                       {"patch_size": [48, 48], "batch_size": 2, "epochs": 2, "iterations_per_epoch": 3}]}
+    full = fit(config_from_dict(tiny_config(tiny_dataset, tmp_path / "a", **plan)))
+
+    cfg_path = tmp_path / "b.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_dataset, tmp_path / "b", **plan)))
+    run = tmp_path / "b" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "resunet", "train", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.csv").exists() and len(read_metrics(run)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(read_metrics(run))
+    assert 2 <= done < 6, "the run should have been killed mid-way"
+    completed = load_checkpoint(run / "last.pt")["epoch"]
+    resumed = fit(config_from_dict(tiny_config(tiny_dataset, tmp_path / "b", **plan)), resume=True)
+    assert resumed.epochs_run == 6 - completed
+    a = load_checkpoint(full.run_dir / "last.pt")
+    b = load_checkpoint(run / "last.pt")
+    assert a["epoch"] == b["epoch"] == 6
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert [r["epoch"] for r in read_metrics(run)] == [str(e) for e in range(1, 7)]
 
 
 def test_init_from_loads_matching_tensors_and_reports_skipped(tiny_dataset, tmp_path, capsys):

@@ -148,6 +148,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the CSVs (default: --pred)."),
     labels: Optional[Path] = typer.Option(None, help="dataset.json holding the label names (default: values found)."),
     tolerance_mm: float = typer.Option(1.0, "--tolerance", help="Surface Dice / boundary F1 tolerance in mm."),
+    images: Optional[Path] = typer.Option(None, help="Folder of the images: adds worst/median/best overlays to report.md."),
 ) -> None:
     """Dice, IoU, sensitivity, specificity, precision, HD95, ASSD, surface Dice, boundary F1 per case and class."""
     import json
@@ -156,6 +157,7 @@ def evaluate(
 
     from resunet.data.io import read_volume
     from resunet.evaluation import case_files, evaluate_folders, write_evaluation
+    from resunet.report.report import write_report
 
     if tolerance_mm < 0:
         raise ResunetError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
@@ -171,6 +173,7 @@ def evaluate(
         names = {f"label_{v}": v for v in sorted(values)}
     result = evaluate_folders(pred, gt, names, tolerance_mm)
     paths = write_evaluation(result, out or pred)
+    paths["report"] = write_report(result, pred, gt, images, out or pred)
     table = Table(title=f"{len({r['case'] for r in result.rows})} case(s): mean ± sd")
     metrics = ("dice", "iou", "hd95", "assd", "surface_dice", "boundary_f1")
     table.add_column("class")

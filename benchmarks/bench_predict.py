@@ -1,0 +1,416 @@
+"""Whole-volume prediction of a CT-sized volume: resunet's predictor vs the usual MONAI pipeline,
+with the same network and the same weights, measured in the same run.
+
+Run: python benchmarks/bench_predict.py [--depth-slices 48] [--size 512] [--base 64] [--repeats 3]
+                                       [--mode 2d|3d] [--batch 8] [--roi 256] [--roi-depth 32]
+
+Setup (parent process, not timed): a synthetic CT-like int16 volume ``(N, size, size)`` (smooth
+blobs in HU -1000..1000 plus noise, fixed seed) is written as ``.nii.gz`` to a temporary folder,
+together with a checkpoint (`save_checkpoint`) of a randomly initialised (seeded)
+``build_model("resunet", spatial_dims=2 or 3, in_channels=1, out_channels=3, base_channels=base)``
+with CT "abdomen" windowing (W 400 / L 50) and no crop. Random weights give meaningless but
+deterministic masks; so that the masks are not all one class, the head bias is shifted once by the
+per-class median logit on a centre crop of the volume (classes then come out balanced-ish). The
+Dice between the two masks measures agreement of the two pipelines, not segmentation quality.
+
+Each side then runs in its own subprocess (so the peak RSS of one does not include the other),
+with ``torch.set_num_threads(os.cpu_count())`` on both sides, the model built once from the
+checkpoint and put in eval mode (not timed), one warm-up of the whole pipeline on a small volume
+(2 x 64 x 64), then ``--repeats`` timed runs of the whole pipeline (median reported):
+
+ours   (what ``resunet predict`` does per case)
+    load:    ``read_volume(input.nii.gz)`` (nibabel)
+    predict: ``Predictor.predict([volume])`` = `preprocess_case` (stack, CT window, no crop, no
+             resampling) -> `predict_case_logits` -> `restore_original_geometry` -> argmax labels.
+             ``--mode 2d``: `predict_slices` runs the 2-D model on whole slices (padded to a
+             multiple of 16), ``--batch`` slices per call; the checkpoint's 2-D ``patch_size`` is
+             not used by `predict_case_logits` in 2-D mode. ``--mode 3d``: `sliding_window_predict`
+             with patch ``(roi_depth, roi, roi)``, overlap 0.5 (the predictor's fixed value),
+             Gaussian weighting (sigma = patch / 8), ``--batch`` windows per call.
+    write:   ``write_volume(mask, out.nii.gz)`` (nibabel, header copied from the input, atomic
+             write with fsync).
+monai  (the usual MONAI way)
+    load:    ``LoadImage(reader="NibabelReader", ensure_channel_first=True)`` (float32) +
+             ``ScaleIntensityRange(a_min=L-W/2, a_max=L+W/2, b_min=0, b_max=1, clip=True)`` with
+             the same window (checked once against `resunet.data.preprocess.window_ct`, not
+             timed), then the axes are permuted from nibabel's (X, Y, Z) to the (Z, Y, X) order the
+             model sees on our side (a 2-D network is not transpose-invariant).
+    predict: under ``torch.inference_mode()``: ``--mode 2d``: ``SliceInferer(roi_size=(roi, roi),
+             sw_batch_size=batch, overlap=0.25, mode="gaussian", spatial_dim=0)``; ``--mode 3d``:
+             ``sliding_window_inference(roi_size=(roi_depth, roi, roi), sw_batch_size=batch,
+             overlap=0.5, mode="gaussian")`` (sigma_scale 0.125, as ours); argmax over classes.
+    write:   ``SaveImage(writer="NibabelWriter", output_dtype=uint8, resample=False)`` with the
+             input's metadata (affine).
+
+In 2-D mode the two sides do not do the same arithmetic: ours runs each slice whole, MONAI tiles
+each slice into overlapping ``roi`` windows (at 512 / 256 / 0.25: 3 x 3 windows per slice, 2.25x
+the pixels). The table reports network calls and network input voxels of each side; ``--roi 512``
+(= ``--size``) makes MONAI run whole slices too. ``--mode 3d`` is the window-vs-window comparison
+(same roi, overlap and Gaussian blending; window placement may differ slightly: nnU-Net-style
+spreading vs MONAI's fixed interval).
+
+Reported: median seconds per phase and in total, peak RSS of each child process
+(``ru_maxrss``, includes imports, model and warm-up) and its RSS after setup (before the warm-up),
+the speed ratio MONAI/ours (> 1: ours is faster), and the Dice between the two written masks per
+foreground class and their mean (also 1 - Dice). No assertion on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _machine import machine_line
+
+LABELS = {"background": 0, "organ": 1, "tumour": 2}
+CT_WINDOW = "abdomen"
+SEED = 0
+WARMUP_SHAPE = (2, 64, 64)
+
+
+# --------------------------------------------------------------------------- setup (parent)
+
+
+def synthetic_ct(depth: int, size: int, seed: int = SEED) -> np.ndarray:
+    """CT-like int16 ``(depth, size, size)``: air around an elliptic body of soft tissue with a
+    fat rim, smooth organ-/lung-/bone-like blobs, Gaussian noise; values clipped to -1000..1000."""
+    rng = np.random.default_rng(seed)
+    z = np.linspace(-1.0, 1.0, depth, dtype=np.float32)[:, None, None]
+    y = np.linspace(-1.0, 1.0, size, dtype=np.float32)[None, :, None]
+    x = np.linspace(-1.0, 1.0, size, dtype=np.float32)[None, None, :]
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2  # (1, size, size), same body on every slice
+    hu = np.where(body < 1.0, np.float32(40.0), np.float32(-1000.0))
+    hu = hu + np.where((body > 0.8) & (body < 1.0), np.float32(-140.0), np.float32(0.0))  # fat rim
+    hu = np.broadcast_to(hu, (depth, size, size)).astype(np.float32)
+    blobs = [  # (HU offset, radius) of smooth blobs inside the body
+        (-800.0, 0.30), (-800.0, 0.30), (650.0, 0.10), (25.0, 0.25),
+        (-30.0, 0.12), (60.0, 0.18), (15.0, 0.08), (900.0, 0.06),
+    ]
+    for offset, radius in blobs:
+        cz, cy, cx = rng.uniform(-0.8, 0.8), rng.uniform(-0.45, 0.45), rng.uniform(-0.6, 0.6)
+        r2 = ((z - cz) / 2.0) ** 2 + (y - cy) ** 2 + (x - cx) ** 2  # blobs are long along z
+        hu += np.float32(offset) * np.exp(-((r2 / radius**2) ** 2)) * (body < 1.0)
+    hu += rng.normal(0.0, 20.0, size=hu.shape).astype(np.float32)
+    return np.clip(np.rint(hu), -1000, 1000).astype(np.int16)
+
+
+def window_tensor(hu: np.ndarray) -> torch.Tensor:
+    from resunet.data.preprocess import CT_WINDOW_PRESETS, window_ct
+
+    return torch.from_numpy(window_ct(hu, *CT_WINDOW_PRESETS[CT_WINDOW]))
+
+
+@torch.inference_mode()
+def balance_head(model: torch.nn.Module, image: np.ndarray, patch: tuple[int, ...]) -> None:
+    """Shift the head bias by minus the per-class median logit on a centre crop of ``image``."""
+    from resunet.infer.sliding_window import pad_to_multiple
+
+    x = window_tensor(image)
+    if model.spatial_dims == 2:
+        x = x[x.shape[0] // 2]
+    crop = tuple(
+        slice(max(0, (s - p) // 2), max(0, (s - p) // 2) + p) for s, p in zip(x.shape, patch)
+    )
+    x, _ = pad_to_multiple(x[crop][None, None], model.divisor, spatial_ndim=model.spatial_dims)
+    logits = model(x)[0].flatten(1)
+    model.head.bias -= logits.median(dim=1).values
+
+
+def make_case(args: argparse.Namespace, workdir: Path) -> dict:
+    from resunet.data.io import write_volume
+    from resunet.data.volume import Volume
+    from resunet.nets import build_model, count_parameters, model_config
+    from resunet.train.checkpoint import save_checkpoint
+
+    spacing = (3.0, 0.8, 0.8)
+    volume = synthetic_ct(args.depth_slices, args.size)
+    warmup = synthetic_ct(WARMUP_SHAPE[0], WARMUP_SHAPE[1], seed=SEED + 1)
+    for name, arr in (("input", volume), ("warmup", warmup)):
+        write_volume(Volume(arr, spacing, (0.0, 0.0, 0.0), np.eye(3)), workdir / f"{name}.nii.gz")
+
+    dims = 2 if args.mode == "2d" else 3
+    torch.manual_seed(SEED)
+    model = build_model("resunet", spatial_dims=dims, in_channels=1, out_channels=3, base_channels=args.base)
+    model.eval()
+    patch = (args.roi, args.roi) if dims == 2 else (args.roi_depth, args.roi, args.roi)
+    balance_head(model, volume, patch)
+    save_checkpoint(
+        workdir / "model.pt",
+        {
+            "state_dict": model.state_dict(),
+            "model": model_config(model),
+            "preprocess": {"modality": "ct", "ct_window": CT_WINDOW, "crop_to_nonzero": False},
+            "labels": LABELS,
+            "inference": {"mode": args.mode, "context": 0, "patch_size": list(patch)},
+        },
+    )
+    return {
+        "params_m": count_parameters(model) / 1e6,
+        "input_mb": (workdir / "input.nii.gz").stat().st_size / 2**20,
+        "hu_range": (int(volume.min()), int(volume.max())),
+    }
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class NetCounter:
+    """Forward pre-hook counting network calls and input voxels (batch x spatial)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = self.voxels = 0
+        model.register_forward_pre_hook(self)
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple) -> None:
+        x = inputs[0]
+        self.calls += 1
+        self.voxels += x.shape[0] * int(np.prod(x.shape[2:]))
+
+    def reset(self) -> None:
+        self.calls = self.voxels = 0
+
+
+def _timed(pipeline, src: Path, dst: Path, repeats: int, counter: NetCounter) -> dict:
+    pipeline(src.with_name("warmup.nii.gz"), dst.with_name(f".warmup_{dst.name}"))
+    phases: dict[str, list[float]] = {"load": [], "predict": [], "write": [], "total": []}
+    for _ in range(repeats):
+        counter.reset()
+        t = pipeline(src, dst)
+        for k, v in t.items():
+            phases[k].append(v)
+        phases["total"].append(sum(t.values()))
+    return {
+        "seconds": {k: statistics.median(v) for k, v in phases.items()},
+        "all_totals": phases["total"],
+        "net_calls": counter.calls,
+        "net_voxels": counter.voxels,
+    }
+
+
+def child_ours(args: argparse.Namespace, workdir: Path) -> dict:
+    from resunet.data.io import read_volume, write_volume
+    from resunet.infer.predictor import Predictor
+
+    predictor = Predictor.from_file(workdir / "model.pt", batch_size=args.batch)
+    counter = NetCounter(predictor.model)
+    setup_rss = _rss_mib("VmRSS")
+
+    def pipeline(src: Path, dst: Path) -> dict[str, float]:
+        t0 = time.perf_counter()
+        volume = read_volume(src)
+        t1 = time.perf_counter()
+        mask = predictor.predict([volume])
+        t2 = time.perf_counter()
+        write_volume(mask, dst)
+        t3 = time.perf_counter()
+        return {"load": t1 - t0, "predict": t2 - t1, "write": t3 - t2}
+
+    out = _timed(pipeline, workdir / "input.nii.gz", workdir / "ours_mask.nii.gz", args.repeats, counter)
+    return {**out, "setup_rss_mib": setup_rss}
+
+
+def child_monai(args: argparse.Namespace, workdir: Path) -> dict:
+    from monai.data import MetaTensor
+    from monai.inferers import SliceInferer, sliding_window_inference
+    from monai.transforms import LoadImage, SaveImage, ScaleIntensityRange
+
+    from resunet.data.preprocess import CT_WINDOW_PRESETS, window_ct
+    from resunet.nets import build_model
+    from resunet.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(workdir / "model.pt")
+    cfg = dict(ckpt["model"])
+    model = build_model(cfg.pop("name"), **cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    counter = NetCounter(model)
+
+    width, level = CT_WINDOW_PRESETS[CT_WINDOW]
+    load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+    scale = ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
+    save = SaveImage(
+        writer="NibabelWriter", output_ext=".nii.gz", output_dtype=np.uint8, resample=False,
+        separate_folder=False, print_log=False,
+    )
+    if args.mode == "2d":
+        inferer = SliceInferer(
+            roi_size=(args.roi, args.roi), sw_batch_size=args.batch, overlap=0.25, mode="gaussian",
+            spatial_dim=0,
+        )
+
+        def infer(x: torch.Tensor) -> torch.Tensor:
+            return inferer(x, model)
+    else:
+        def infer(x: torch.Tensor) -> torch.Tensor:
+            return sliding_window_inference(
+                x, (args.roi_depth, args.roi, args.roi), args.batch, model, overlap=0.5, mode="gaussian",
+                sigma_scale=0.125,
+            )
+
+    # Same preprocessing as ours? (checked once, not timed)
+    img = load(workdir / "warmup.nii.gz")
+    ref = window_ct(np.asarray(img), width, level)
+    window_max_diff = float(np.abs(np.asarray(scale(img)) - ref).max())
+    setup_rss = _rss_mib("VmRSS")
+
+    def pipeline(src: Path, dst: Path) -> dict[str, float]:
+        t0 = time.perf_counter()
+        img = scale(load(src))  # (1, X, Y, Z) MetaTensor
+        x = img.as_tensor().permute(0, 3, 2, 1)[None]  # (1, 1, Z, Y, X), the order ours feeds the net
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            logits = infer(x)
+            labels = torch.argmax(logits, dim=1).to(torch.uint8)[0]  # (Z, Y, X)
+        mask = MetaTensor(labels.permute(2, 1, 0)[None].contiguous(), meta=img.meta)  # input affine
+        t2 = time.perf_counter()
+        save(mask, filename=str(dst).removesuffix(".nii.gz"))
+        t3 = time.perf_counter()
+        return {"load": t1 - t0, "predict": t2 - t1, "write": t3 - t2}
+
+    out = _timed(pipeline, workdir / "input.nii.gz", workdir / "monai_mask.nii.gz", args.repeats, counter)
+    return {**out, "setup_rss_mib": setup_rss, "window_max_diff": window_max_diff}
+
+
+def run_child(side: str, argv: list[str], workdir: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", side, "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:  # library warnings on stderr are shown only when a child fails
+        raise SystemExit(f"{side} child failed with exit status {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+# --------------------------------------------------------------------------- agreement (parent)
+
+
+def dice_table(ours: np.ndarray, monai: np.ndarray) -> list[tuple[str, float, float, float]]:
+    """``(class, ours %, monai %, Dice)`` per foreground class; Dice = 1 when both are empty."""
+    rows = []
+    for name, value in LABELS.items():
+        if value == 0:
+            continue
+        a, b = ours == value, monai == value
+        total = int(a.sum()) + int(b.sum())
+        dice = 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+        rows.append((name, 100.0 * a.mean(), 100.0 * b.mean(), dice))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth-slices", type=int, default=48, help="slices N of the (N, size, size) volume")
+    ap.add_argument("--size", type=int, default=512, help="in-plane size")
+    ap.add_argument("--base", type=int, default=64, help="base_channels of the ResUNet")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mode", choices=("2d", "3d"), default="2d")
+    ap.add_argument("--batch", type=int, default=8, help="slices (ours 2d) / windows per network call, both sides")
+    ap.add_argument("--roi", type=int, default=256, help="in-plane window: MONAI SliceInferer (2d), both sides (3d)")
+    ap.add_argument("--roi-depth", type=int, default=32, help="window depth in 3d mode (multiple of 16)")
+    ap.add_argument("--child", choices=("ours", "monai"), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)  # same on both sides (and in the parent)
+    if args.child:
+        result = (child_ours if args.child == "ours" else child_monai)(args, args.workdir)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        result["vmhwm_mib"] = _rss_mib("VmHWM")
+        result["threads"] = torch.get_num_threads()
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    print(machine_line())
+    passthrough = sys.argv[1:]
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        workdir = Path(tmp)
+        info = make_case(args, workdir)
+        n, s = args.depth_slices, args.size
+        dims = 2 if args.mode == "2d" else 3
+        print(
+            f"volume {n}x{s}x{s} int16 HU {info['hu_range'][0]}..{info['hu_range'][1]} "
+            f"({info['input_mb']:.1f} MiB .nii.gz); resunet {dims}-D base {args.base} "
+            f"({info['params_m']:.2f} M params), 3 classes, random seeded weights; fp32, "
+            f"torch.set_num_threads({os.cpu_count()}) on both sides; median of {args.repeats} "
+            f"after 1 warm-up on {'x'.join(map(str, WARMUP_SHAPE))}"
+        )
+        if args.mode == "2d":
+            print(
+                f"mode 2d: ours = Predictor (whole slices, padded to /16, {args.batch} slices per call); "
+                f"MONAI = SliceInferer roi {args.roi}x{args.roi}, overlap 0.25, gaussian, sw_batch_size {args.batch}"
+            )
+        else:
+            print(
+                f"mode 3d: both sliding windows of {args.roi_depth}x{args.roi}x{args.roi}, overlap 0.5, "
+                f"gaussian (sigma 1/8), {args.batch} windows per call"
+            )
+        res = {side: run_child(side, passthrough, workdir) for side in ("ours", "monai")}
+
+        import nibabel as nib
+
+        imgs = {side: nib.load(str(workdir / f"{side}_mask.nii.gz")) for side in res}
+        ref_affine = nib.load(str(workdir / "input.nii.gz")).affine
+        masks = {side: np.asanyarray(img.dataobj) for side, img in imgs.items()}
+        same_grid = all(
+            m.shape == masks["ours"].shape and np.allclose(imgs[k].affine, ref_affine, atol=1e-4)
+            for k, m in masks.items()
+        )
+
+    print()
+    print(
+        f"{'side':6s} {'total s':>8s} {'load s':>7s} {'predict s':>9s} {'write s':>8s} "
+        f"{'net calls':>9s} {'net Mvox':>9s} {'peak RSS MiB':>12s} {'setup RSS MiB':>13s}"
+    )
+    for side, r in res.items():
+        sec = r["seconds"]
+        print(
+            f"{side:6s} {sec['total']:8.2f} {sec['load']:7.2f} {sec['predict']:9.2f} {sec['write']:8.2f} "
+            f"{r['net_calls']:9d} {r['net_voxels'] / 1e6:9.2f} {r['peak_rss_mib']:12.0f} {r['setup_rss_mib']:13.0f}"
+        )
+    print(
+        "  (ours: load = read_volume, predict = Predictor.predict incl. CT windowing; "
+        "monai: load = LoadImage + ScaleIntensityRange, predict = inferer + argmax; write = NIfTI .nii.gz)"
+    )
+    print("  total s of every repeat: " + "; ".join(
+        f"{side} " + ", ".join(f"{t:.2f}" for t in r["all_totals"]) for side, r in res.items()
+    ))
+    ratio = res["monai"]["seconds"]["total"] / res["ours"]["seconds"]["total"]
+    print(f"speed ratio MONAI/ours (total): {ratio:.2f}  (> 1: ours faster)")
+    print(
+        f"threads: ours {res['ours']['threads']}, monai {res['monai']['threads']}; "
+        f"CT window max |ScaleIntensityRange - window_ct| = {res['monai']['window_max_diff']:.1e}"
+    )
+    print()
+    if not same_grid:
+        print("agreement: masks do not share the input's shape/affine -- Dice not computed")
+        return
+    rows = dice_table(masks["ours"], masks["monai"])
+    print(f"{'class':8s} {'ours %':>7s} {'monai %':>8s} {'Dice':>7s} {'1 - Dice':>9s}")
+    for name, pa, pb, d in rows:
+        print(f"{name:8s} {pa:7.2f} {pb:8.2f} {d:7.4f} {1 - d:9.2e}")
+    mean = statistics.mean(d for *_, d in rows)
+    equal = float((masks["ours"] == masks["monai"]).mean())
+    print(f"{'mean':8s} {'':7s} {'':8s} {mean:7.4f} {1 - mean:9.2e}   (voxels with equal labels: {100 * equal:.3f} %)")
+    print("  (random weights: Dice measures agreement of the two pipelines, not segmentation quality)")
+
+
+if __name__ == "__main__":
+    main()
