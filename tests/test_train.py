@@ -203,7 +203,7 @@ def test_two_process_ddp_with_torchrun(tiny_dataset, tmp_path):
         {"patch_size": [32, 32], "batch_size": 4, "epochs": 2, "iterations_per_epoch": 3}]})))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "resunet", "train", "--config", str(cfg_path)],
         capture_output=True, text=True, timeout=600, env=env,
     )

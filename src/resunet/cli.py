@@ -5,6 +5,7 @@ Errors users cause (`ResunetError`) are printed as one message on stderr with ex
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -95,7 +96,8 @@ def train(
             target[key] = str(value) if isinstance(value, Path) else value
     cfg = load_config(config, tree)
     result = fit(cfg, resume=resume is not None)
-    console.print(f"run folder: {result.run_dir} ({result.epochs_run} epochs, best val Dice {result.best_val_dice})")
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"run folder: {result.run_dir} ({result.epochs_run} epochs, best val Dice {result.best_val_dice})")
 
 
 @app.command()
