@@ -154,3 +154,31 @@ def test_evaluate_reports_a_broken_case_and_continues(tmp_path):
     result = evaluate_folders(pred_dir, gt_dir, {"background": 0, "organ": 1})
     assert [r["case"] for r in result.rows] == ["ok"] and result.rows[0]["dice"] == 1.0
     assert "bad" in result.failed and "bad.nii.gz" in result.failed["bad"]
+
+
+def test_dicom_series_in_gives_a_dicom_seg_out_that_overlays_the_right_slices(tmp_path):
+    import pydicom
+
+    from dicom_series import write_ct_series
+    from resunet.data.dicom_seg import read_dicom_seg
+
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 300, size=(6, 32, 48)).astype(np.float32)
+    series = write_ct_series(tmp_path / "series", ct, spacing=(2.5, 0.7, 0.7), origin=(-20.0, 15.0, 100.0))
+    model = make_checkpoint(tmp_path / "m.pt")
+    r = run_cli("predict", "-m", str(model), "-i", str(tmp_path / "series"), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    seg_path = tmp_path / "out" / "series.dcm"
+    seg = pydicom.dcmread(seg_path)
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == series.study_uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["organ", "lesion"]
+    source = read_volume(tmp_path / "series")
+    # every frame references a source slice with the same position
+    by_uid = dict(zip(source.meta["sop_instance_uids"], source.meta["slice_positions"]))
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(pos, by_uid[ref], atol=1e-3)
+    # the decoded SEG equals the NIfTI-path prediction of the same series
+    offline = Predictor.from_file(model).predict([source]).array
+    assert np.array_equal(read_dicom_seg(seg_path, source, LABELS), offline)
