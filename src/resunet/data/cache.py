@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from resunet.data.io import atomic_write, read_volume
 from resunet.data.preprocess import (
     PreprocessConfig,
     PreprocessedCase,
@@ -115,24 +116,18 @@ def _paths(directory: Path, case_id: str) -> dict[str, Path]:
     }
 
 
-def _atomic_write():
-    from resunet.data.io import atomic_write
-
-    return atomic_write
-
-
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    with _atomic_write()(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with _atomic_write()(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    with _atomic_write()(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, indent=1, sort_keys=True)
 
 
@@ -218,12 +213,6 @@ class CacheIndex:
         return [self.load(c) for c in self.case_ids]
 
 
-def _default_reader() -> Callable[[Path], Any]:
-    from resunet.data.io import read_volume
-
-    return read_volume
-
-
 def _build_one(
     case: Any,
     config: PreprocessConfig,
@@ -307,7 +296,7 @@ def build_cache(
         else:
             todo.append((case_id, case))
     if todo:
-        read = reader if reader is not None else _default_reader()
+        read = reader if reader is not None else read_volume
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
