@@ -205,7 +205,9 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     t_start, epoch_seconds = time.perf_counter(), 0.0
     for epoch in range(start_epoch, config.total_epochs):
         t0 = time.perf_counter()
-        if config.max_minutes and (t0 - t_start + epoch_seconds) > config.max_minutes * 60:
+        over_budget = bool(config.max_minutes) and (t0 - t_start + epoch_seconds) > config.max_minutes * 60
+        # every rank must take the same decision, or the others wait forever in a collective
+        if all_reduce_sum(torch.tensor([float(over_budget)]), dist_info)[0] > 0:
             if dist_info.is_main:
                 console.print(f"time budget of {config.max_minutes:g} min reached after {epoch} epochs")
             break
