@@ -33,15 +33,16 @@ class ConcatFusion(nn.Module):
 class EncoderDecoder(nn.Module):
     """U-Net skeleton. Input ``(B, in_channels, *S)``, output logits ``(B, out_channels, *S)``.
 
-    Every spatial size in ``S`` must be divisible by ``2**(depth-1)``; other sizes raise a
-    `ModelError` naming the size to pad to (the predictor pads; the model never crops).
+    Subclasses choose the ``block`` (used at every level) and the skip ``fusion``. Every spatial
+    size in ``S`` must be divisible by ``2**(depth-1)``; other sizes raise a `ModelError` naming
+    the size to pad to (the predictor pads; the model never crops).
     """
+
+    block: BlockFactory
+    fusion: FusionFactory
 
     def __init__(
         self,
-        *,
-        block: BlockFactory,
-        fusion: FusionFactory,
         spatial_dims: int = 2,
         in_channels: int = 1,
         out_channels: int = 1,
@@ -60,12 +61,12 @@ class EncoderDecoder(nn.Module):
         self.base_channels = base_channels
         widths = [base_channels * 2**i for i in range(depth)]
         self.encoders = nn.ModuleList(
-            [block(spatial_dims, in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth)]
+            [self.block(spatial_dims, in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth)]
         )
         self.pool = max_pool(spatial_dims)
         self.ups = nn.ModuleList([up_conv(spatial_dims, widths[i + 1], widths[i]) for i in range(depth - 1)])
-        self.fusions = nn.ModuleList([fusion(spatial_dims, widths[i]) for i in range(depth - 1)])
-        self.decoders = nn.ModuleList([block(spatial_dims, 2 * widths[i], widths[i]) for i in range(depth - 1)])
+        self.fusions = nn.ModuleList([self.fusion(spatial_dims, widths[i]) for i in range(depth - 1)])
+        self.decoders = nn.ModuleList([self.block(spatial_dims, 2 * widths[i], widths[i]) for i in range(depth - 1)])
         self.head = conv(spatial_dims, widths[0], out_channels, 1, bias=True)
 
     @property

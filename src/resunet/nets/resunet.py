@@ -28,20 +28,5 @@ class ConcatSpatialAttention(nn.Module):
 class ResUNet(EncoderDecoder):
     """Residual U-Net with spatial attention. Input ``(B, C_in, *S)`` -> logits ``(B, C_out, *S)``."""
 
-    def __init__(
-        self,
-        spatial_dims: int = 2,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_channels: int = 64,
-        depth: int = 5,
-    ) -> None:
-        super().__init__(
-            block=ResidualBlock,
-            fusion=ConcatSpatialAttention,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            base_channels=base_channels,
-            depth=depth,
-        )
+    block = ResidualBlock
+    fusion = ConcatSpatialAttention

@@ -13,20 +13,5 @@ from resunet.nets.encoder_decoder import ConcatFusion, EncoderDecoder
 class UNet(EncoderDecoder):
     """Plain U-Net. Input ``(B, C_in, *S)`` -> logits ``(B, C_out, *S)``."""
 
-    def __init__(
-        self,
-        spatial_dims: int = 2,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_channels: int = 64,
-        depth: int = 5,
-    ) -> None:
-        super().__init__(
-            block=DoubleConv,
-            fusion=ConcatFusion,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            base_channels=base_channels,
-            depth=depth,
-        )
+    block = DoubleConv
+    fusion = ConcatFusion
