@@ -253,7 +253,7 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
     resume = (run_dir / "last.pt").exists()
     result = fit(config, resume=resume)
 
-    predictor = Predictor.from_file(run_dir / "best.pt", batch_size=8)
+    predictor = Predictor.from_file(run_dir / "best.pt", batch_size=8, tta=True)  # flip TTA: +0.002 Dice, ~10 s
     train_ids = _case_ids(dataset / "imagesTr")
     rule = ThresholdRule.fit(
         [read_volume(dataset / "imagesTr" / f"{c}_0000.nii.gz").array for c in train_ids],
