@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -351,14 +351,7 @@ def resample_image(
         order=order,
         spatial_ndim=volume.spatial_ndim,
     )
-    return Volume(
-        array=array,
-        spacing=spacing,
-        origin=volume.origin,
-        direction=volume.direction.copy(),
-        spatial_ndim=volume.spatial_ndim,
-        meta=dict(volume.meta),
-    )
+    return replace(volume, array=array, spacing=spacing, meta=dict(volume.meta))
 
 
 def resample_label(
@@ -369,14 +362,7 @@ def resample_label(
         raise InputError(f"a label volume has no channel axis; got shape {volume.array.shape}")
     spacing = _check_spacing(spacing, volume.spatial_ndim, "target spacing")
     array = resample_label_array(_as_label_array(volume.array), volume.spacing, spacing, mode)
-    return Volume(
-        array=array,
-        spacing=spacing,
-        origin=volume.origin,
-        direction=volume.direction.copy(),
-        spatial_ndim=volume.spatial_ndim,
-        meta=dict(volume.meta),
-    )
+    return replace(volume, array=array, spacing=spacing, meta=dict(volume.meta))
 
 
 # --------------------------------------------------------------------------------------------
