@@ -221,6 +221,17 @@ def compare(
     compare_models(base, names, out, minutes)
 
 
+serve_app = typer.Typer(help="Serve a model: HTTP API with dynamic batching, or a DICOM node for a PACS.",
+                        no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+# ---- serve http (owned by the HTTP server work; see resunet.serve.http)
+
+
+# ---- serve dicom (owned by the DICOM node work; see resunet.serve.dicom_node)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     try:

@@ -1,0 +1,1 @@
+"""Exporting a trained model to self-describing ONNX / TorchScript files."""
