@@ -125,6 +125,7 @@ def predict(
     largest_component: bool = typer.Option(False, help="Keep the largest connected component per class."),
     fill_holes: bool = typer.Option(False, help="Fill holes enclosed by one class."),
     min_size: int = typer.Option(0, help="Remove components smaller than this many voxels."),
+    backend: str = typer.Option("torch", help="torch (PyTorch) or onnx (ONNX Runtime; implied by a .onnx model)."),
 ) -> None:
     """Segment images with a trained model; masks are written in the input's geometry."""
     from resunet.infer.run import predict_inputs
@@ -132,8 +133,10 @@ def predict(
 
     if device == "cuda" and not __import__("torch").cuda.is_available():
         raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    if model.suffix.lower() == ".onnx":
+        backend = "onnx"
     predictor = Predictor.from_file(
-        model, device=device, batch_size=batch_size, tta=tta, amp=amp,
+        model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
         postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
     )
     written, failed = predict_inputs(predictor, input, output)
@@ -221,6 +224,35 @@ def compare(
     compare_models(base, names, out, minutes)
 
 
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write (.onnx or .pt/.ts)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+) -> None:
+    """Export a checkpoint as a self-describing ONNX (or TorchScript) file; checks parity before finishing."""
+    from resunet.export.onnx import OnnxNetwork, example_input, export_onnx, model_spec
+    from resunet.export.torchscript import export_torchscript
+    from resunet.infer.predictor import Predictor
+
+    if format not in ("onnx", "torchscript"):
+        raise ResunetError(f"--format must be onnx or torchscript, got {format!r}")
+    if model.suffix.lower() == ".onnx":
+        raise ResunetError(f"{model} is already an ONNX file; pass the checkpoint (.pt) it came from")
+    predictor = Predictor.from_file(model)
+    net = predictor.model
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if format == "torchscript":
+        export_torchscript(net, predictor.spec, output)
+        console.print(f"TorchScript written to {output}")
+        return
+    export_onnx(net, predictor.spec, output)
+    x = example_input(predictor.spec, batch=2)
+    with __import__("torch").no_grad():
+        diff = (OnnxNetwork(output)(x) - net(x)).abs().max().item()
+    console.print(f"ONNX written to {output} (max |logit diff| vs PyTorch on {tuple(x.shape)}: {diff:.2e})", soft_wrap=True)
+
+
 serve_app = typer.Typer(help="Serve a model: HTTP API with dynamic batching, or a DICOM node for a PACS.",
                         no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
@@ -229,7 +261,59 @@ app.add_typer(serve_app, name="serve")
 # ---- serve http (owned by the HTTP server work; see resunet.serve.http)
 
 
+@serve_app.command("http")
+def serve_http(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.pt) or exported model (.onnx)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="TCP port (0: pick a free one; the URL is printed)."),
+    max_batch: int = typer.Option(8, help="Most requests per model call (1 turns batching off)."),
+    max_wait_ms: float = typer.Option(10.0, help="How long the first request of a batch waits for others (ms)."),
+    queue_size: int = typer.Option(64, help="Requests that may wait; beyond that: 503 + Retry-After."),
+    max_upload_mb: float = typer.Option(512.0, help="Largest upload accepted (MiB); beyond that: 413."),
+    token: Optional[str] = typer.Option(None, envvar="RESUNET_TOKEN", show_envvar=True,
+                                        help="Require 'Authorization: Bearer TOKEN' (prefer the env variable)."),
+    backend: str = typer.Option("torch", help="torch or onnx (implied by a .onnx model)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    batch_size: int = typer.Option(8, help="Slices / windows per forward pass inside a model call."),
+    log_level: str = typer.Option("info", help="uvicorn log level (warning hides the access log)."),
+) -> None:
+    """HTTP API: POST /v1/segment (NIfTI / PNG in, mask out), /health, /v1/model, /metrics; dynamic batching."""
+    from resunet.serve.http import load_predictor, run_http_server
+
+    predictor = load_predictor(model, backend=backend, device=device, batch_size=batch_size)
+    run_http_server(predictor, host=host, port=port, log_level=log_level, max_batch=max_batch,
+                    max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token)
+
+
 # ---- serve dicom (owned by the DICOM node work; see resunet.serve.dicom_node)
+
+
+@serve_app.command("dicom")
+def serve_dicom(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
+    dest: str = typer.Option(..., "--dest", help="Where SEGs go: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)."),
+    allow_aet: list[str] = typer.Option([], "--allow-aet", help="Calling AE title allowed to send (repeatable; all others are refused)."),
+    spool: Path = typer.Option(..., "--spool", help="Private folder for received series, SEGs and failures."),
+    ae_title: str = typer.Option("RESUNET", "--ae-title", help="This node's AE title."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(11112, help="DICOM port to listen on."),
+    series_timeout: float = typer.Option(5.0, help="A series is complete after this many seconds without a new instance."),
+    max_series_instances: int = typer.Option(2000, help="Refuse instances beyond this many per series."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    batch_size: int = typer.Option(8, help="Slices / windows per forward pass."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flipped inputs (slower, smoother)."),
+) -> None:
+    """DICOM node: receive CT/MR series from a PACS, segment each, C-STORE a DICOM SEG to --dest."""
+    from resunet.infer.predictor import Predictor
+    from resunet.serve.dicom_node import Destination, DicomNodeConfig, run_dicom_node
+
+    config = DicomNodeConfig(
+        spool=spool, destination=Destination.parse(dest), allowed_aets=tuple(allow_aet), ae_title=ae_title,
+        host=host, port=port, series_timeout=series_timeout, max_series_instances=max_series_instances,
+    )
+    if device == "cuda" and not __import__("torch").cuda.is_available():
+        raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    run_dicom_node(Predictor.from_file(model, device=device, batch_size=batch_size, tta=tta), config)
 
 
 def main(argv: list[str] | None = None) -> None:

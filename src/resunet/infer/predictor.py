@@ -4,23 +4,30 @@ The checkpoint carries everything: weights, model config, preprocessing config, 
 how the model sees a case (``inference.mode`` 2-D slices / 3-D windows, 2.5-D ``context``, patch
 size). Prediction = `preprocess_case` -> slice-wise or sliding-window logits -> (optional flip TTA)
 -> back to the original grid (un-resample, un-crop) -> labels -> optional post-processing.
+
+Backends: ``torch`` (the PyTorch network) or ``onnx`` (the same network exported to ONNX and run by
+ONNX Runtime; `Predictor.from_file` also opens an exported ``.onnx`` file directly). Pre- and
+post-processing are the same code for both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from resunet.data.preprocess import PreprocessConfig, preprocess_case, restore_original_geometry
+from resunet.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_case, restore_original_geometry
 from resunet.data.volume import Volume
-from resunet.errors import ModelError
+from resunet.errors import ConfigError, ModelError, ResunetError
 from resunet.infer.postprocess import fill_holes, keep_largest_component, logits_to_labels, remove_small_components
-from resunet.infer.sliding_window import flip_tta, predict_slices, sliding_window_predict
+from resunet.infer.sliding_window import flip_tta, predict_slices, sliding_window_predict, stack_context
 from resunet.nets import build_model
+
+if TYPE_CHECKING:
+    from resunet.export.onnx import OnnxNetwork
 
 
 @torch.no_grad()
@@ -36,24 +43,36 @@ def predict_case_logits(
     amp: bool = False,
     tta: bool = False,
     overlap: float = 0.5,
+    max_batch_pixels: int | None = None,
 ) -> torch.Tensor:
     """Logits ``(K, *S)`` for one preprocessed case ``(C, *S)``.
 
     ``mode="2d"``: the 2-D model runs slice by slice along ``D`` (a 2-D case is one slice);
     ``mode="3d"``: sliding window of ``patch_size`` with ``overlap`` and Gaussian weighting.
     ``tta`` averages the predictions of every in-plane (2-D) or spatial (3-D) flip combination.
+    ``max_batch_pixels`` caps the slices per forward pass at ``max_batch_pixels // (H * W)`` (at
+    least 1), so a batch of 512x512 CT slices holds as many pixels as ``batch_size`` small ones.
     """
     amp_dtype = (torch.float16 if image.device.type == "cuda" else torch.bfloat16) if amp else None
     if mode == "2d":
         volume = image[:, None] if image.ndim == 3 else image
         net = model if not tta else (lambda x: flip_tta(model, x, (-2, -1)))
-        logits = predict_slices(volume, net, batch_size, context, divisor, amp_dtype=amp_dtype)
+        batch = slice_batch_size(batch_size, volume.shape[-2:], divisor, max_batch_pixels)
+        logits = predict_slices(volume, net, batch, context, divisor, amp_dtype=amp_dtype)
         return logits[:, 0] if image.ndim == 3 else logits
     net = model if not tta else (lambda x: flip_tta(model, x, (-3, -2, -1)))
     return sliding_window_predict(
         image[None], net, list(patch_size), overlap=overlap, batch_size=batch_size,
         divisor=divisor, amp_dtype=amp_dtype,
     )[0]
+
+
+def slice_batch_size(batch_size: int, size: Sequence[int], divisor: int, max_batch_pixels: int | None) -> int:
+    """Slices per forward pass: ``batch_size``, capped so a batch holds <= ``max_batch_pixels``."""
+    if not max_batch_pixels:
+        return batch_size
+    pixels = int(np.prod([-(-int(s) // divisor) * divisor for s in size]))
+    return max(1, min(batch_size, max_batch_pixels // pixels))
 
 
 @dataclass
@@ -64,76 +83,175 @@ class PostprocessConfig:
 
 
 class Predictor:
-    """Predict label maps with a trained checkpoint (see the module docstring)."""
+    """Predict label maps with a trained model (see the module docstring).
+
+    ``checkpoint``: a loaded checkpoint dict (`load_checkpoint`) or an `OnnxNetwork` (an exported
+    file). ``backend="onnx"`` with a checkpoint exports it to ONNX first (cached by weights digest
+    under ``$RESUNET_CACHE`` or ``~/.cache/resunet``). ``max_batch_pixels``: see
+    `predict_case_logits` (default: ``batch_size`` slices of 256 x 256).
+    """
 
     def __init__(
         self,
-        checkpoint: dict[str, Any],
+        checkpoint: "dict[str, Any] | OnnxNetwork",
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         tta: bool = False,
         amp: bool = False,
         postprocess: PostprocessConfig | None = None,
         source: str = "checkpoint",
+        backend: str = "torch",
+        max_batch_pixels: int | None = None,
     ) -> None:
+        from resunet.export.onnx import OnnxNetwork, model_spec
+
+        if backend not in ("torch", "onnx"):
+            raise ConfigError(f"backend {backend!r} is not available; choose 'torch' or 'onnx'")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
         try:
-            cfg = dict(checkpoint["model"])
-            self.model = build_model(cfg.pop("name"), **cfg)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.preprocess = PreprocessConfig.model_validate(checkpoint["preprocess"])
-            self.labels: dict[str, int] = dict(checkpoint["labels"])
-            inference = checkpoint["inference"]
+            if isinstance(checkpoint, OnnxNetwork):
+                self.spec = checkpoint.spec
+                self.model: Any = checkpoint
+            else:
+                cfg = dict(checkpoint["model"])
+                self.model = build_model(cfg.pop("name"), **cfg)
+                self.model.load_state_dict(checkpoint["state_dict"])
+                self.spec = model_spec(checkpoint, self.model)
+            self.preprocess = PreprocessConfig.model_validate(self.spec["preprocess"])
+            self.labels: dict[str, int] = {str(k): int(v) for k, v in self.spec["labels"].items()}
+            inference = self.spec["inference"]
             self.mode, self.context = inference["mode"], int(inference["context"])
             self.patch_size = list(inference["patch_size"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ModelError(f"{source} does not hold a complete resunet model ({type(err).__name__}: {err})") from None
-        self.device = torch.device(device)
+        if backend == "onnx" and not isinstance(self.model, OnnxNetwork):
+            self.model = _onnx_network(self.model, self.spec)
+        self.backend = "onnx" if isinstance(self.model, OnnxNetwork) else "torch"
+        if self.backend == "onnx" and (self.device.type != "cpu" or amp):
+            raise ConfigError("the onnx backend runs fp32 on the CPU here; drop --amp / use --device cpu")
         self.model.to(self.device).eval()
         self.batch_size, self.tta, self.amp = batch_size, tta, amp
+        self.max_batch_pixels = max_batch_pixels if max_batch_pixels is not None else batch_size * 256 * 256
         self.postprocess = postprocess or PostprocessConfig()
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> "Predictor":
+        """Open a checkpoint (``.pt``) or an exported ONNX file (``.onnx``)."""
+        path = Path(path)
+        if path.suffix.lower() == ".onnx":
+            from resunet.export.onnx import OnnxNetwork
+
+            if kwargs.pop("backend", "onnx") != "onnx":
+                raise ConfigError(f"{path} is an ONNX file: it runs with the onnx backend only")
+            return cls(OnnxNetwork(path), source=str(path), **kwargs)
         from resunet.train.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(Path(path)), source=str(path), **kwargs)
+        return cls(load_checkpoint(path), source=str(path), **kwargs)
 
     @property
     def num_input_channels(self) -> int:
         """Image channels (modalities) a case must have: model inputs / (2 * context + 1)."""
         return self.model.in_channels // (2 * self.context + 1)
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary: model, labels, the input a case must be, backend."""
+        return {
+            "model": self.spec["model"], "labels": self.labels, "backend": self.backend,
+            "input": {"channels": self.num_input_channels, "spatial_dims": self.model.spatial_dims,
+                      "mode": self.mode, "context": self.context, "divisor": self.model.divisor},
+            "preprocess": self.preprocess.model_dump(mode="json"),
+        }
+
     def predict_probabilities(self, images: Sequence[Volume]) -> np.ndarray:
         """Class probabilities ``(K, *S)`` on the original grid (K = 1 for binary: P(foreground))."""
-        logits, props = self._logits(images)
+        case = self.prepare(images)
+        logits = self.case_logits(torch.from_numpy(case.image))
         probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
-        return restore_original_geometry(probs.float().cpu().numpy(), props, kind="probabilities")
+        return restore_original_geometry(probs.float().cpu().numpy(), case.properties, kind="probabilities")
 
     def predict(self, images: Sequence[Volume]) -> Volume:
         """Label map (uint8) with the geometry and metadata of ``images[0]``."""
-        logits, props = self._logits(images)
-        resampled = props["shape_after_resampling"] != props["shape_after_crop"]
-        if resampled:  # resample probabilities, not labels (smoother boundaries, as nnU-Net)
+        case = self.prepare(images)
+        return self.finish(self.case_logits(torch.from_numpy(case.image)), case, images[0])
+
+    def predict_many(self, cases: Sequence[Sequence[Volume]]) -> list[Volume | ResunetError]:
+        """Label maps for several cases at once; 2-D models share forward batches across cases.
+
+        One entry per case: the mask (geometry of the case's first image), or the `ResunetError`
+        that case raised (the other cases are unaffected).
+        """
+        results: list[Volume | ResunetError | None] = [None] * len(cases)
+        prepared: dict[int, PreprocessedCase] = {}
+        for i, images in enumerate(cases):
+            try:
+                prepared[i] = self.prepare(images)
+            except ResunetError as err:
+                results[i] = err
+        logits: dict[int, torch.Tensor] = {}
+        if self.mode == "2d" and len(prepared) > 1:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, case in prepared.items():
+                groups.setdefault(case.image.shape[-2:], []).append(i)
+            for members in groups.values():
+                logits.update(zip(members, self._shared_slice_logits([prepared[i].image for i in members])))
+        else:
+            logits = {i: self.case_logits(torch.from_numpy(case.image)) for i, case in prepared.items()}
+        for i, case in prepared.items():
+            try:
+                results[i] = self.finish(logits[i], case, cases[i][0])
+            except ResunetError as err:
+                results[i] = err
+        return results  # type: ignore[return-value]
+
+    def prepare(self, images: Sequence[Volume]) -> PreprocessedCase:
+        """Check the channel count and apply the training preprocessing."""
+        if len(images) != self.num_input_channels:
+            raise ModelError(
+                f"the model expects {self.num_input_channels} image channel(s) per case, got {len(images)}"
+            )
+        return preprocess_case(list(images), None, self.preprocess)
+
+    def case_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(K, *S)`` of one preprocessed image ``(C, *S)``."""
+        return predict_case_logits(
+            self.model, image.to(self.device), mode=self.mode, context=self.context, divisor=self.model.divisor,
+            patch_size=self.patch_size, batch_size=self.batch_size, amp=self.amp, tta=self.tta,
+            max_batch_pixels=self.max_batch_pixels,
+        )
+
+    def finish(self, logits: torch.Tensor, case: PreprocessedCase, template: Volume) -> Volume:
+        """Logits ``(K, *S)`` of a prepared case -> post-processed label map on ``template``'s grid."""
+        props = case.properties
+        if props["shape_after_resampling"] != props["shape_after_crop"]:
+            # resample probabilities, not labels (smoother boundaries, as nnU-Net)
             probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
             probs = restore_original_geometry(probs.float().cpu().numpy(), props, kind="probabilities")
             labels = probs[0] > 0.5 if probs.shape[0] == 1 else probs.argmax(axis=0)
         else:
             labels = restore_original_geometry(logits_to_labels(logits).cpu().numpy(), props, kind="label")
-        labels = self._postprocess(labels.astype(np.uint8))
-        return images[0].with_array(labels)
+        return template.with_array(self._postprocess(labels.astype(np.uint8)))
 
-    def _logits(self, images: Sequence[Volume]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if len(images) != self.num_input_channels:
-            raise ModelError(
-                f"the model expects {self.num_input_channels} image channel(s) per case, got {len(images)}"
-            )
-        case = preprocess_case(list(images), None, self.preprocess)
-        image = torch.from_numpy(case.image).to(self.device)
-        logits = predict_case_logits(
-            self.model, image, mode=self.mode, context=self.context, divisor=self.model.divisor,
-            patch_size=self.patch_size, batch_size=self.batch_size, amp=self.amp, tta=self.tta,
+    def _shared_slice_logits(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """2-D mode: the slices of several same-size cases through shared batches.
+
+        Each case's 2.5-D inputs are stacked first (context never crosses cases), then all slices run
+        as one context-0 volume; returns logits ``(K, *S)`` per case.
+        """
+        volumes = [torch.from_numpy(im[:, None] if im.ndim == 3 else im) for im in images]
+        stacked = torch.cat([stack_context(v, range(v.shape[1]), self.context) for v in volumes])
+        joint = predict_case_logits(
+            self.model, stacked.transpose(0, 1).to(self.device), mode="2d", context=0,
+            divisor=self.model.divisor, patch_size=self.patch_size, batch_size=self.batch_size,
+            amp=self.amp, tta=self.tta, max_batch_pixels=self.max_batch_pixels,
         )
-        return logits, case.properties
+        out, z = [], 0
+        for image, v in zip(images, volumes):
+            part = joint[:, z:z + v.shape[1]]
+            out.append(part[:, 0] if image.ndim == 3 else part)
+            z += v.shape[1]
+        return out
 
     def _postprocess(self, labels: np.ndarray) -> np.ndarray:
         classes = [v for v in self.labels.values() if v != 0]
@@ -145,3 +263,22 @@ class Predictor:
         if p.fill_holes:
             labels = fill_holes(labels, classes)
         return labels
+
+
+def _onnx_network(model: torch.nn.Module, spec: dict[str, Any]) -> "OnnxNetwork":
+    """Export ``model`` to ONNX (or reuse the cached export) and open it with ONNX Runtime."""
+    import tempfile
+
+    from resunet.export.onnx import OnnxNetwork, export_onnx, onnx_cache_path
+
+    cached = onnx_cache_path(spec)
+    if cached is not None and cached.is_file():
+        try:
+            return OnnxNetwork(cached)
+        except ModelError:
+            pass  # a damaged cache entry: export again
+    if cached is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return OnnxNetwork(Path(export_onnx(model, spec, Path(tmp) / "model.onnx")).read_bytes())
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    return OnnxNetwork(export_onnx(model, spec, cached))
