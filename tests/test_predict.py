@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from resunet.data.io import read_volume
+from resunet.errors import ModelError
 from resunet.evaluation import evaluate_folders
 from resunet.infer.predictor import Predictor
 from resunet.metrics import compute_all
@@ -182,3 +183,33 @@ def test_dicom_series_in_gives_a_dicom_seg_out_that_overlays_the_right_slices(tm
     # the decoded SEG equals the NIfTI-path prediction of the same series
     offline = Predictor.from_file(model).predict([source]).array
     assert np.array_equal(read_dicom_seg(seg_path, source, LABELS), offline)
+
+
+def test_predict_many_equals_one_case_at_a_time_and_isolates_bad_cases(tmp_path):
+    # 2.5-D model (context 1): shared batches must not mix neighbouring slices of different cases
+    model = make_checkpoint(tmp_path / "m.pt", "2d", context=1)
+    predictor = Predictor.from_file(model, batch_size=4)
+    volumes = []
+    for seed, shape in enumerate([(37, 29, 11), (37, 29, 5), (20, 16, 7), (37, 29, 1)]):
+        write_ct(tmp_path / f"ct{seed}.nii.gz", shape=shape, seed=seed)
+        volumes.append(read_volume(tmp_path / f"ct{seed}.nii.gz"))
+    cases = [[v] for v in volumes]
+    cases.insert(2, [volumes[0], volumes[1]])  # two channels for a one-channel model
+    results = predictor.predict_many(cases)
+    assert isinstance(results[2], ModelError) and "1 image channel" in str(results[2])
+    for case, got in zip(cases[:2] + cases[3:], results[:2] + results[3:]):
+        expected = predictor.predict(case)
+        assert got.same_geometry(case[0]) and np.array_equal(got.array, expected.array)
+    # TTA goes through the same shared path
+    predictor.tta = True
+    got = predictor.predict_many(cases[:2])
+    assert all(np.array_equal(g.array, predictor.predict(c).array) for g, c in zip(got, cases[:2]))
+
+
+def test_slice_batches_are_capped_by_pixels():
+    from resunet.infer.predictor import slice_batch_size
+
+    assert slice_batch_size(8, (512, 512), 16, 8 * 256 * 256) == 2
+    assert slice_batch_size(8, (250, 250), 16, 8 * 256 * 256) == 8  # padded to 256 x 256
+    assert slice_batch_size(8, (2048, 2048), 16, 8 * 256 * 256) == 1
+    assert slice_batch_size(8, (512, 512), 16, None) == 8
