@@ -5,9 +5,10 @@ how the model sees a case (``inference.mode`` 2-D slices / 3-D windows, 2.5-D ``
 size). Prediction = `preprocess_case` -> slice-wise or sliding-window logits -> (optional flip TTA)
 -> back to the original grid (un-resample, un-crop) -> labels -> optional post-processing.
 
-Backends: ``torch`` (the PyTorch network) or ``onnx`` (the same network exported to ONNX and run by
-ONNX Runtime; `Predictor.from_file` also opens an exported ``.onnx`` file directly). Pre- and
-post-processing are the same code for both.
+Backends (`resunet.infer.backends`): ``auto`` (default: the fastest backend on this machine whose
+masks match fp32 eager, chosen on the first case and cached), ``eager``, ``channels_last``,
+``bf16``/``fp16``, ``onnx`` (ONNX Runtime; `Predictor.from_file` also opens an exported ``.onnx``
+file directly). Pre- and post-processing are the same code for every backend.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class Predictor:
     """Predict label maps with a trained model (see the module docstring).
 
     ``checkpoint``: a loaded checkpoint dict (`load_checkpoint`) or an `OnnxNetwork` (an exported
-    file). ``backend="onnx"`` with a checkpoint exports it to ONNX first (cached by weights digest
-    under ``$RESUNET_CACHE`` or ``~/.cache/resunet``). ``max_batch_pixels``: see
-    `predict_case_logits` (default: ``batch_size`` slices of 256 x 256).
+    file). ``backend``: see the module docstring (``torch`` is an alias of ``eager``); ``onnx`` with
+    a checkpoint exports it first (cached by digest under ``$RESUNET_CACHE`` or
+    ``~/.cache/resunet``). ``max_batch_pixels``: see `predict_case_logits` (default:
+    ``batch_size`` slices of 256 x 256).
     """
 
     def __init__(
@@ -100,13 +102,15 @@ class Predictor:
         amp: bool = False,
         postprocess: PostprocessConfig | None = None,
         source: str = "checkpoint",
-        backend: str = "torch",
+        backend: str = "eager",
         max_batch_pixels: int | None = None,
     ) -> None:
         from resunet.export.onnx import OnnxNetwork, model_spec
+        from resunet.infer.backends import BACKENDS
 
-        if backend not in ("torch", "onnx"):
-            raise ConfigError(f"backend {backend!r} is not available; choose 'torch' or 'onnx'")
+        backend = "eager" if backend == "torch" else backend
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -126,15 +130,27 @@ class Predictor:
             self.patch_size = list(inference["patch_size"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ModelError(f"{source} does not hold a complete resunet model ({type(err).__name__}: {err})") from None
-        if backend == "onnx" and not isinstance(self.model, OnnxNetwork):
-            self.model = _onnx_network(self.model, self.spec)
-        self.backend = "onnx" if isinstance(self.model, OnnxNetwork) else "torch"
-        if self.backend == "onnx" and (self.device.type != "cpu" or amp):
-            raise ConfigError("the onnx backend runs fp32 on the CPU here; drop --amp / use --device cpu")
+        if isinstance(self.model, OnnxNetwork) and backend not in ("onnx", "auto"):
+            raise ConfigError(f"{source} is an ONNX file: it runs with the onnx backend only")
+        if isinstance(self.model, OnnxNetwork) or backend == "onnx":
+            if self.device.type != "cpu" or amp:
+                raise ConfigError("the onnx backend runs fp32 on the CPU here; drop --amp / use --device cpu")
+            backend = "onnx"
         self.model.to(self.device).eval()
+        self.backend = backend
+        self.backend_choice: Any = None  # a BackendChoice once ``auto`` has calibrated
+        self.net: Any = None if backend == "auto" else self._network(backend)
         self.batch_size, self.tta, self.amp = batch_size, tta, amp
         self.max_batch_pixels = max_batch_pixels if max_batch_pixels is not None else batch_size * 256 * 256
         self.postprocess = postprocess or PostprocessConfig()
+
+    def _network(self, name: str) -> Any:
+        from resunet.export.onnx import OnnxNetwork
+        from resunet.infer.backends import make_network
+
+        if isinstance(self.model, OnnxNetwork):
+            return self.model
+        return make_network(name, self.model, self.spec, self.device)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> "Predictor":
@@ -143,8 +159,7 @@ class Predictor:
         if path.suffix.lower() == ".onnx":
             from resunet.export.onnx import OnnxNetwork
 
-            if kwargs.pop("backend", "onnx") != "onnx":
-                raise ConfigError(f"{path} is an ONNX file: it runs with the onnx backend only")
+            kwargs.setdefault("backend", "onnx")
             return cls(OnnxNetwork(path), source=str(path), **kwargs)
         from resunet.train.checkpoint import load_checkpoint
 
@@ -215,8 +230,10 @@ class Predictor:
 
     def case_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(K, *S)`` of one preprocessed image ``(C, *S)``."""
+        image = image.to(self.device)
+        self._resolve_auto(image)
         return predict_case_logits(
-            self.model, image.to(self.device), mode=self.mode, context=self.context, divisor=self.model.divisor,
+            self.net, image, mode=self.mode, context=self.context, divisor=self.model.divisor,
             patch_size=self.patch_size, batch_size=self.batch_size, amp=self.amp, tta=self.tta,
             max_batch_pixels=self.max_batch_pixels,
         )
@@ -241,8 +258,10 @@ class Predictor:
         """
         volumes = [torch.from_numpy(im[:, None] if im.ndim == 3 else im) for im in images]
         stacked = torch.cat([stack_context(v, range(v.shape[1]), self.context) for v in volumes])
+        joint = stacked.transpose(0, 1).to(self.device)
+        self._resolve_auto(joint, context=0)
         joint = predict_case_logits(
-            self.model, stacked.transpose(0, 1).to(self.device), mode="2d", context=0,
+            self.net, joint, mode="2d", context=0,
             divisor=self.model.divisor, patch_size=self.patch_size, batch_size=self.batch_size,
             amp=self.amp, tta=self.tta, max_batch_pixels=self.max_batch_pixels,
         )
@@ -252,6 +271,31 @@ class Predictor:
             out.append(part[:, 0] if image.ndim == 3 else part)
             z += v.shape[1]
         return out
+
+    def calibration_batch(self, image: torch.Tensor, context: int | None = None) -> torch.Tensor:
+        """What one forward pass sees for ``image`` ``(C, *S)``: 2-D: the middle slices (one batch,
+        with context, padded to the divisor); 3-D: the centre window of ``patch_size``."""
+        from resunet.infer.sliding_window import pad_to_multiple
+
+        div = self.model.divisor
+        if self.mode == "2d":
+            volume = image[:, None] if image.ndim == 3 else image
+            depth = volume.shape[1]
+            n = slice_batch_size(self.batch_size, volume.shape[-2:], div, self.max_batch_pixels)
+            z0 = max(0, depth // 2 - n // 2)
+            x = stack_context(volume, range(z0, min(depth, z0 + n)), self.context if context is None else context)
+            return pad_to_multiple(x, div, spatial_ndim=2)[0]
+        crop = tuple(slice(max(0, (s - p) // 2), max(0, (s - p) // 2) + p) for s, p in zip(image.shape[1:], self.patch_size))
+        return pad_to_multiple(image[(slice(None), *crop)][None], div, spatial_ndim=3)[0]
+
+    def _resolve_auto(self, image: torch.Tensor, context: int | None = None) -> None:
+        if self.net is not None:
+            return
+        from resunet.infer.backends import choose_backend
+
+        self.backend_choice, self.net = choose_backend(
+            self.model, self.spec, self.calibration_batch(image, context).float(), self.device)
+        self.backend = self.backend_choice.name
 
     def _postprocess(self, labels: np.ndarray) -> np.ndarray:
         classes = [v for v in self.labels.values() if v != 0]

@@ -1,0 +1,234 @@
+"""Inference backends and ``auto``: the fastest one on this machine whose masks match fp32 eager.
+
+A backend turns the trained PyTorch network into a callable ``(B, C, *S) -> (B, K, *S)`` logits:
+
+- ``eager``: the network as is, fp32.
+- ``channels_last``: the network and its inputs in channels-last memory format (2-D only).
+- ``bf16`` / ``fp16``: autocast; bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), fp16 on CUDA.
+  Without native support bf16 is emulated and many times slower, so it is not a candidate there.
+- ``onnx``: the network exported to ONNX and run by ONNX Runtime (CPU; CUDA / TensorRT execution
+  providers when onnxruntime-gpu is installed and a GPU is used).
+
+``choose_backend`` times every candidate on a calibration batch (median of repeats after one
+warm-up), rejects those whose labels differ from eager fp32 (Dice < 0.999 per class present, or
+logits further than ``LOGIT_ATOL`` + ``LOGIT_RTOL`` * |logit| for fp32 backends), and returns the
+fastest. The choice is cached per model (spec digest), machine (CPU / GPU, threads, library
+versions) and input size in ``$RESUNET_CACHE/backends.json`` (default ``~/.cache/resunet``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from resunet.data.io import atomic_write
+from resunet.errors import ConfigError
+
+Network = Callable[[torch.Tensor], torch.Tensor]
+BACKENDS = ("auto", "eager", "channels_last", "bf16", "fp16", "onnx")
+LOGIT_ATOL, LOGIT_RTOL = 1e-3, 1e-3  # fp32 backends: reordered sums, fused BatchNorm
+MIN_DICE = 0.999
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESUNET_CACHE", Path.home() / ".cache" / "resunet"))
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads do not speed up convolutions)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        cores = {(blk.split("physical id")[1].split("\n")[0], blk.split("core id")[1].split("\n")[0])
+                 for blk in text.split("\n\n") if "core id" in blk and "physical id" in blk}
+        if cores:
+            return max(1, min(available, len(cores)))
+    except (OSError, IndexError):
+        pass
+    return max(1, available)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Intra-op threads = physical cores (or ``threads``), for PyTorch; ONNX sessions copy it."""
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (otherwise autocast emulates it, slowly)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def candidates(spatial_dims: int, device: torch.device) -> list[str]:
+    """Backends worth timing for a model with ``spatial_dims`` on ``device``."""
+    names = ["eager"]
+    if spatial_dims == 2:
+        names.append("channels_last")
+    if device.type == "cuda":
+        names.append("fp16")
+    elif native_bf16():
+        names.append("bf16")
+    if device.type == "cpu":
+        names.append("onnx")
+    return names
+
+
+class _Autocast:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.dtype, self.device_type = model, dtype, device.type
+        self.training = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+class _ChannelsLast:
+    def __init__(self, model: torch.nn.Module) -> None:
+        import copy
+
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        self.training = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def make_network(name: str, model: torch.nn.Module, spec: dict[str, Any], device: torch.device) -> Network:
+    """The callable for backend ``name`` (see the module docstring)."""
+    if name == "eager":
+        return model
+    if name == "channels_last":
+        return _ChannelsLast(model)
+    if name in ("bf16", "fp16"):
+        return _Autocast(model, torch.bfloat16 if name == "bf16" else torch.float16, device)
+    if name == "onnx":
+        from resunet.infer.predictor import _onnx_network
+
+        return _onnx_network(model, spec)
+    raise ConfigError(f"backend {name!r} is not available; choose one of {', '.join(BACKENDS)}")
+
+
+def machine_key(device: torch.device) -> str:
+    """CPU/GPU model, thread count and library versions: what makes timings comparable."""
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{cpu}|{gpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|ort={onnxruntime.__version__}"
+
+
+@dataclass
+class BackendChoice:
+    """Result of `choose_backend`: the winner and, per candidate, ms per batch and agreement."""
+
+    name: str
+    ms: dict[str, float] = field(default_factory=dict)
+    dice: dict[str, float] = field(default_factory=dict)
+    max_logit_diff: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+
+    def summary(self) -> str:
+        parts = [f"{n} {self.ms[n]:.0f} ms" + (" (rejected)" if n in self.rejected else "") for n in self.ms]
+        return f"backend {self.name} ({'cached; ' if self.cached else ''}{', '.join(parts)})"
+
+
+def _labels(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def mask_dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Smallest per-class Dice between two label tensors over the classes present in either."""
+    worst = 1.0
+    for c in torch.unique(torch.cat([a.flatten(), b.flatten()])).tolist():
+        x, y = a == c, b == c
+        worst = min(worst, 2.0 * (x & y).sum().item() / (x.sum().item() + y.sum().item()))
+    return worst
+
+
+def _time(net: Network, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+    with torch.inference_mode():
+        y = net(x).float()  # warm-up (and the output for the agreement check)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times), y
+
+
+def choose_backend(
+    model: torch.nn.Module,
+    spec: dict[str, Any],
+    batch: torch.Tensor,
+    device: torch.device,
+    repeats: int = 3,
+    names: list[str] | None = None,
+) -> tuple[BackendChoice, Network]:
+    """Time the candidates on ``batch`` ``(B, C, *S)`` (already on ``device``); see module docstring."""
+    key = json.dumps([hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24],
+                      machine_key(device), list(batch.shape)])
+    names = names or candidates(int(spec["spatial_dims"]), device)
+    path = cache_root() / "backends.json"
+    table = _read_table(path)
+    if key in table and table[key]["name"] in names:
+        entry = table[key]
+        choice = BackendChoice(**{**entry, "cached": True})
+        return choice, make_network(choice.name, model, spec, device)
+    choice = BackendChoice(name="eager")
+    ref_ms, ref = _time(model, batch, repeats)
+    choice.ms["eager"], choice.dice["eager"], choice.max_logit_diff["eager"] = ref_ms, 1.0, 0.0
+    ref_labels = _labels(ref)
+    nets: dict[str, Network] = {"eager": model}
+    for name in names:
+        if name == "eager":
+            continue
+        net = make_network(name, model, spec, device)
+        ms, y = _time(net, batch, repeats)
+        y = y.to(ref.device)
+        diff = (y - ref).abs()
+        dice = mask_dice(_labels(y), ref_labels)
+        choice.ms[name], choice.dice[name], choice.max_logit_diff[name] = ms, dice, diff.max().item()
+        fp32 = name in ("channels_last", "onnx")
+        if dice < MIN_DICE:
+            choice.rejected[name] = f"mask Dice {dice:.4f} < {MIN_DICE}"
+        elif fp32 and bool((diff > LOGIT_ATOL + LOGIT_RTOL * ref.abs()).any()):
+            choice.rejected[name] = f"logits differ by up to {diff.max().item():.1e}"
+        else:
+            nets[name] = net
+    choice.name = min(nets, key=lambda n: choice.ms[n])
+    entry = {k: v for k, v in choice.__dict__.items() if k != "cached"}
+    table[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            Path(tmp).write_text(json.dumps(table, indent=1))
+    except OSError:
+        pass  # a read-only cache only costs a re-calibration next time
+    return choice, nets[choice.name]
+
+
+def _read_table(path: Path) -> dict[str, Any]:
+    try:
+        table = json.loads(path.read_text())
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,97 @@
+"""`--backend auto`: picks a backend whose masks equal fp32 eager, rejects one that does not, caches."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from resunet.data.io import read_volume
+from resunet.errors import ConfigError
+from resunet.infer import backends
+from resunet.infer.predictor import Predictor
+from resunet.nets import build_model, model_config
+from resunet.train.checkpoint import save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_CACHE", str(tmp_path / "cache"))
+
+
+def checkpoint(path, base=8):
+    torch.manual_seed(5)
+    model = build_model("resunet", spatial_dims=2, in_channels=1, out_channels=3, base_channels=base, depth=4).eval()
+    with torch.no_grad():  # centre the per-class logits so a random model predicts all three classes
+        logits = model(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
+        model.head.bias -= logits.transpose(0, 1).flatten(1).median(dim=1).values
+    save_checkpoint(path, {
+        "state_dict": model.state_dict(), "model": model_config(model),
+        "preprocess": {"modality": "ct", "ct_window": "abdomen", "crop_to_nonzero": False},
+        "labels": {"background": 0, "a": 1, "b": 2}, "inference": {"mode": "2d", "context": 0, "patch_size": [64, 64]},
+    })
+    return path
+
+
+def ct_file(path, shape=(512, 512, 4)):
+    rng = np.random.default_rng(2)
+    data = np.clip(rng.normal(50, 90, size=shape), -1000, 1500).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.75, 0.75, 2.5, 1.0])), str(path))
+    return read_volume(path)
+
+
+def test_auto_backend_masks_equal_fp32_eager_on_ct_sized_slices(tmp_path):
+    ckpt = checkpoint(tmp_path / "m.pt")
+    image = ct_file(tmp_path / "ct.nii.gz")
+    reference = Predictor.from_file(ckpt, backend="eager").predict([image]).array
+    auto = Predictor.from_file(ckpt, backend="auto")
+    mask = auto.predict([image]).array
+    choice = auto.backend_choice
+    assert choice is not None and auto.backend == choice.name and choice.name in choice.ms
+    assert set(choice.ms) == set(backends.candidates(2, torch.device("cpu")))
+    assert len(np.unique(reference)) == 3
+    assert backends.mask_dice(torch.from_numpy(mask), torch.from_numpy(reference)) >= 0.999
+    # the calibration batch is one forward pass of this case: 512^2 slices, 8 x 256^2 pixels -> 2 slices
+    assert json.loads(next(iter(json.loads((tmp_path / "cache" / "backends.json").read_text()))))[2] == [2, 1, 512, 512]
+
+
+def test_the_choice_is_cached_per_model_and_machine(tmp_path):
+    ckpt = checkpoint(tmp_path / "m.pt", base=4)
+    image = ct_file(tmp_path / "ct.nii.gz", shape=(64, 48, 3))
+    first = Predictor.from_file(ckpt, backend="auto")
+    first.predict([image])
+    again = Predictor.from_file(ckpt, backend="auto")
+    again.predict([image])
+    assert not first.backend_choice.cached and again.backend_choice.cached
+    assert again.backend == first.backend
+    other = Predictor.from_file(checkpoint(tmp_path / "other.pt", base=8), backend="auto")
+    other.predict([image])
+    assert not other.backend_choice.cached  # another model's timings are not reused
+
+
+def test_a_backend_whose_masks_differ_is_never_chosen(tmp_path, monkeypatch):
+    ckpt = checkpoint(tmp_path / "m.pt", base=4)
+    real = backends.make_network
+
+    def fast_but_wrong(name, model, spec, device):
+        if name == "channels_last":
+            return lambda x: -model(x)  # instant and wrong
+        return real(name, model, spec, device)
+
+    monkeypatch.setattr(backends, "make_network", fast_but_wrong)
+    model = Predictor.from_file(ckpt).model
+    x = torch.randn(2, 1, 64, 64)
+    choice, net = backends.choose_backend(model, Predictor.from_file(ckpt).spec, x, torch.device("cpu"),
+                                          names=["eager", "channels_last"])
+    assert choice.name == "eager" and "channels_last" in choice.rejected
+    assert choice.dice["channels_last"] < 0.999 and net is model
+
+
+def test_threads_and_bad_backend_names():
+    assert 1 <= backends.physical_cores() <= os.cpu_count()
+    assert backends.set_threads(1) == 1 and torch.get_num_threads() == 1
+    backends.set_threads()
+    with pytest.raises(ConfigError, match="backend 'tensorrt' is not available"):
+        Predictor({"model": {}}, backend="tensorrt")
