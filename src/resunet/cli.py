@@ -125,7 +125,9 @@ def predict(
     largest_component: bool = typer.Option(False, help="Keep the largest connected component per class."),
     fill_holes: bool = typer.Option(False, help="Fill holes enclosed by one class."),
     min_size: int = typer.Option(0, help="Remove components smaller than this many voxels."),
-    backend: str = typer.Option("torch", help="torch (PyTorch) or onnx (ONNX Runtime; implied by a .onnx model)."),
+    backend: str = typer.Option(
+        "auto", help="auto (fastest matching fp32 on this machine, cached), eager, channels_last, bf16, fp16, "
+        "onnx (implied by a .onnx model)."),
 ) -> None:
     """Segment images with a trained model; masks are written in the input's geometry."""
     from resunet.infer.run import predict_inputs
@@ -133,14 +135,19 @@ def predict(
 
     if device == "cuda" and not __import__("torch").cuda.is_available():
         raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    from resunet.infer.backends import set_threads
+
     if model.suffix.lower() == ".onnx":
         backend = "onnx"
+    set_threads()
     predictor = Predictor.from_file(
         model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
         postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
     )
     written, failed = predict_inputs(predictor, input, output)
     console.print(f"{len(written)} case(s) written to {output}")
+    if predictor.backend_choice is not None:
+        console.print(predictor.backend_choice.summary(), soft_wrap=True)
     if failed:
         lines = "\n".join(f"  {case}: {why}" for case, why in failed.items())
         raise ResunetError(f"{len(failed)} case(s) failed (the others were written):\n{lines}")
@@ -253,12 +260,41 @@ def export(
     console.print(f"ONNX written to {output} (max |logit diff| vs PyTorch on {tuple(x.shape)}: {diff:.2e})", soft_wrap=True)
 
 
+@app.command()
+def bench(
+    base: int = typer.Option(64, help="ResUNet base width."),
+    size: int = typer.Option(256, help="Slice size (pixels per side)."),
+    slices: int = typer.Option(16, help="Slices in the volume."),
+    repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
+) -> None:
+    """Quick benchmark: whole-volume predict with the auto backend vs fp32 eager PyTorch (same weights)."""
+    from resunet.bench import bench_backends
+    from resunet.infer.backends import machine_key
+
+    if min(base, size, slices, repeats) < 1:
+        raise ResunetError("--base, --size, --slices and --repeats must be positive")
+    r = bench_backends(base=base, size=size, slices=slices, repeats=repeats)
+    table = Table(title=f"predict {slices} x {size}^2, ResUNet base {base}")
+    for col in ("backend", "seconds", "ms / slice"):
+        table.add_column(col, justify="right")
+    for name in ("eager", "auto"):
+        label = name if name == "eager" else f"auto ({r['chosen']})"
+        table.add_row(label, f"{r['seconds'][name]:.2f}", f"{r['ms_per_slice'][name]:.0f}")
+    console.print(table)
+    console.print("machine: " + machine_key(__import__("torch").device("cpu")), soft_wrap=True)
+    console.print(f"speed-up auto / eager: {r['ratio']:.2f}x; mask Dice auto vs eager: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in r["dice"].items()), soft_wrap=True)
+    console.print("calibration (ms per batch): " + ", ".join(
+        f"{k} {v:.0f}" + (" rejected" if k in r["rejected"] else "") for k, v in r["calibration_ms"].items()),
+        soft_wrap=True)
+
+
 serve_app = typer.Typer(help="Serve a model: HTTP API with dynamic batching, or a DICOM node for a PACS.",
                         no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 
 
-# ---- serve http (owned by the HTTP server work; see resunet.serve.http)
+# ---- serve http (resunet.serve.http)
 
 
 @serve_app.command("http")
@@ -272,7 +308,7 @@ def serve_http(
     max_upload_mb: float = typer.Option(512.0, help="Largest upload accepted (MiB); beyond that: 413."),
     token: Optional[str] = typer.Option(None, envvar="RESUNET_TOKEN", show_envvar=True,
                                         help="Require 'Authorization: Bearer TOKEN' (prefer the env variable)."),
-    backend: str = typer.Option("torch", help="torch or onnx (implied by a .onnx model)."),
+    backend: str = typer.Option("eager", help="eager, channels_last, bf16, fp16, onnx (implied by a .onnx model) or auto."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass inside a model call."),
     log_level: str = typer.Option("info", help="uvicorn log level (warning hides the access log)."),
@@ -285,7 +321,7 @@ def serve_http(
                     max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token)
 
 
-# ---- serve dicom (owned by the DICOM node work; see resunet.serve.dicom_node)
+# ---- serve dicom (resunet.serve.dicom_node)
 
 
 @serve_app.command("dicom")
