@@ -188,6 +188,16 @@ class NetCounter:
     def reset(self) -> None:
         self.calls = self.voxels = 0
 
+    def wrap(self, net):
+        """A callable counting the calls of ``net`` (for backends that are not torch modules)."""
+
+        def counted(x):
+            self(None, (x,))
+            return net(x)
+
+        counted.training = False
+        return counted
+
 
 def _timed(pipeline, src: Path, dst: Path, repeats: int, counter: NetCounter) -> dict:
     pipeline(src.with_name("warmup.nii.gz"), dst.with_name(f".warmup_{dst.name}"))
@@ -210,8 +220,13 @@ def child_ours(args: argparse.Namespace, workdir: Path) -> dict:
     from resunet.data.io import read_volume, write_volume
     from resunet.infer.predictor import Predictor
 
-    predictor = Predictor.from_file(workdir / "model.pt", batch_size=args.batch)
-    counter = NetCounter(predictor.model)
+    os.environ["RESUNET_CACHE"] = str(workdir / "cache")  # auto calibrates in this run (in the warm-up)
+    predictor = Predictor.from_file(workdir / "model.pt", batch_size=args.batch, backend=args.backend)
+    # auto: calibrate on this input's own slices now (not timed), as `resunet predict` does on its first case
+    predictor.resolve_backend(torch.from_numpy(predictor.prepare([read_volume(workdir / "input.nii.gz")]).image))
+    counter = NetCounter.__new__(NetCounter)
+    counter.reset()
+    predictor.net = counter.wrap(predictor.net)
     setup_rss = _rss_mib("VmRSS")
 
     def pipeline(src: Path, dst: Path) -> dict[str, float]:
@@ -225,7 +240,9 @@ def child_ours(args: argparse.Namespace, workdir: Path) -> dict:
         return {"load": t1 - t0, "predict": t2 - t1, "write": t3 - t2}
 
     out = _timed(pipeline, workdir / "input.nii.gz", workdir / "ours_mask.nii.gz", args.repeats, counter)
-    return {**out, "setup_rss_mib": setup_rss}
+    choice = predictor.backend_choice
+    return {**out, "setup_rss_mib": setup_rss, "backend": predictor.backend,
+            "calibration_ms": choice.ms if choice else None, "slice_batch": predictor.max_batch_pixels}
 
 
 def child_monai(args: argparse.Namespace, workdir: Path) -> dict:
@@ -325,6 +342,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="slices (ours 2d) / windows per network call, both sides")
     ap.add_argument("--roi", type=int, default=256, help="in-plane window: MONAI SliceInferer (2d), both sides (3d)")
     ap.add_argument("--roi-depth", type=int, default=32, help="window depth in 3d mode (multiple of 16)")
+    ap.add_argument("--backend", default="auto", help="ours: predictor backend (auto = what resunet predict uses)")
     ap.add_argument("--child", choices=("ours", "monai"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -354,7 +372,8 @@ def main() -> None:
         )
         if args.mode == "2d":
             print(
-                f"mode 2d: ours = Predictor (whole slices, padded to /16, {args.batch} slices per call); "
+                f"mode 2d: ours = Predictor (backend {args.backend}, whole slices padded to /16, <= {args.batch} "
+                f"slices and <= 2 x 256^2 pixels per call); "
                 f"MONAI = SliceInferer roi {args.roi}x{args.roi}, overlap 0.25, gaussian, sw_batch_size {args.batch}"
             )
         else:
@@ -393,6 +412,9 @@ def main() -> None:
         f"{side} " + ", ".join(f"{t:.2f}" for t in r["all_totals"]) for side, r in res.items()
     ))
     ratio = res["monai"]["seconds"]["total"] / res["ours"]["seconds"]["total"]
+    ours = res["ours"]
+    print(f"ours: backend {ours['backend']} (calibration ms per batch: {ours['calibration_ms']}), "
+          f"at most {ours['slice_batch']} pixels per forward pass")
     print(f"speed ratio MONAI/ours (total): {ratio:.2f}  (> 1: ours faster)")
     print(
         f"threads: ours {res['ours']['threads']}, monai {res['monai']['threads']}; "

@@ -89,8 +89,9 @@ class Predictor:
     ``checkpoint``: a loaded checkpoint dict (`load_checkpoint`) or an `OnnxNetwork` (an exported
     file). ``backend``: see the module docstring (``torch`` is an alias of ``eager``); ``onnx`` with
     a checkpoint exports it first (cached by digest under ``$RESUNET_CACHE`` or
-    ``~/.cache/resunet``). ``max_batch_pixels``: see `predict_case_logits` (default:
-    ``batch_size`` slices of 256 x 256).
+    ``~/.cache/resunet``). ``max_batch_pixels``: see `predict_case_logits` (default: on
+    CUDA ``batch_size`` slices of 256 x 256; on the CPU two, where larger batches measured slower
+    per slice, see benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -141,7 +142,9 @@ class Predictor:
         self.backend_choice: Any = None  # a BackendChoice once ``auto`` has calibrated
         self.net: Any = None if backend == "auto" else self._network(backend)
         self.batch_size, self.tta, self.amp = batch_size, tta, amp
-        self.max_batch_pixels = max_batch_pixels if max_batch_pixels is not None else batch_size * 256 * 256
+        if max_batch_pixels is None:  # CPU convolutions are memory-bound: per-slice time grows with the batch
+            max_batch_pixels = (batch_size if self.device.type == "cuda" else 2) * 256 * 256
+        self.max_batch_pixels = max_batch_pixels
         self.postprocess = postprocess or PostprocessConfig()
 
     def _network(self, name: str) -> Any:
@@ -188,8 +191,11 @@ class Predictor:
 
     def predict(self, images: Sequence[Volume]) -> Volume:
         """Label map (uint8) with the geometry and metadata of ``images[0]``."""
-        case = self.prepare(images)
-        return self.finish(self.case_logits(torch.from_numpy(case.image)), case, images[0])
+        return self.predict_prepared(self.prepare(images), images[0])
+
+    def predict_prepared(self, case: PreprocessedCase, template: Volume) -> Volume:
+        """`predict` after `prepare` (so reading + preprocessing can run ahead in another thread)."""
+        return self.finish(self.case_logits(torch.from_numpy(case.image)), case, template)
 
     def predict_many(self, cases: Sequence[Sequence[Volume]]) -> list[Volume | ResunetError]:
         """Label maps for several cases at once; 2-D models share forward batches across cases.
@@ -231,7 +237,7 @@ class Predictor:
     def case_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(K, *S)`` of one preprocessed image ``(C, *S)``."""
         image = image.to(self.device)
-        self._resolve_auto(image)
+        self.resolve_backend(image)
         return predict_case_logits(
             self.net, image, mode=self.mode, context=self.context, divisor=self.model.divisor,
             patch_size=self.patch_size, batch_size=self.batch_size, amp=self.amp, tta=self.tta,
@@ -259,7 +265,7 @@ class Predictor:
         volumes = [torch.from_numpy(im[:, None] if im.ndim == 3 else im) for im in images]
         stacked = torch.cat([stack_context(v, range(v.shape[1]), self.context) for v in volumes])
         joint = stacked.transpose(0, 1).to(self.device)
-        self._resolve_auto(joint, context=0)
+        self.resolve_backend(joint, context=0)
         joint = predict_case_logits(
             self.net, joint, mode="2d", context=0,
             divisor=self.model.divisor, patch_size=self.patch_size, batch_size=self.batch_size,
@@ -288,7 +294,9 @@ class Predictor:
         crop = tuple(slice(max(0, (s - p) // 2), max(0, (s - p) // 2) + p) for s, p in zip(image.shape[1:], self.patch_size))
         return pad_to_multiple(image[(slice(None), *crop)][None], div, spatial_ndim=3)[0]
 
-    def _resolve_auto(self, image: torch.Tensor, context: int | None = None) -> None:
+    def resolve_backend(self, image: torch.Tensor, context: int | None = None) -> None:
+        """With ``backend="auto"``: choose (or load the cached choice) on the calibration batch of
+        the preprocessed ``image`` ``(C, *S)``; the first case does this implicitly. No-op otherwise."""
         if self.net is not None:
             return
         from resunet.infer.backends import choose_backend

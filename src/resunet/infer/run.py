@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -9,7 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.io import read_volume, write_volume
 from resunet.errors import ResunetError
-from resunet.infer.inputs import IMAGE_SUFFIXES, discover_inputs
+from resunet.data.preprocess import PreprocessedCase
+from resunet.data.volume import Volume
+from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
 
 
@@ -21,7 +24,11 @@ def output_path(output: Path, case_id: str, suffix: str, single: bool) -> Path:
 
 
 def predict_inputs(predictor: Predictor, input_path: Path, output: Path) -> tuple[list[Path], dict[str, str]]:
-    """Predict all cases of ``input_path``; return the written paths and ``{case: error}`` of failures."""
+    """Predict all cases of ``input_path``; return the written paths and ``{case: error}`` of failures.
+
+    Reading and preprocessing of the next case run in a background thread while the model works
+    on the current one (at most two cases in memory).
+    """
     cases = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(cases) == 1
@@ -29,15 +36,22 @@ def predict_inputs(predictor: Predictor, input_path: Path, output: Path) -> tupl
     failed: dict[str, str] = {}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[case]}"))
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+
+    def load(case: InputCase) -> tuple[list[Volume], PreprocessedCase]:
+        images = [read_volume(p) for p in case.paths]
+        return images, predictor.prepare(images)
+
+    with Progress(*columns, console=Console(stderr=True)) as bar, ThreadPoolExecutor(1) as pool:
         task = bar.add_task("Predicting", total=len(cases), case="")
-        for case in cases:
+        ahead: Future | None = pool.submit(load, cases[0]) if cases else None
+        for i, case in enumerate(cases):
             bar.update(task, case=case.case_id)
+            current, ahead = ahead, pool.submit(load, cases[i + 1]) if i + 1 < len(cases) else None
             try:
+                images, prepared = current.result()
                 target = output_path(output, case.case_id, case.suffix, single)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                images = [read_volume(p) for p in case.paths]
-                mask = predictor.predict(images)
+                mask = predictor.predict_prepared(prepared, images[0])
                 if case.kind == "dicom":
                     from resunet.data.dicom_seg import write_dicom_seg
 
