@@ -93,5 +93,19 @@ def test_threads_and_bad_backend_names():
     assert 1 <= backends.physical_cores() <= os.cpu_count()
     assert backends.set_threads(1) == 1 and torch.get_num_threads() == 1
     backends.set_threads()
-    with pytest.raises(ConfigError, match="backend 'tensorrt' is not available"):
-        Predictor({"model": {}}, backend="tensorrt")
+    with pytest.raises(ConfigError, match="backend 'tensorrt8' is not available"):
+        Predictor({"model": {}}, backend="tensorrt8")
+
+
+@pytest.mark.skipif(backends.tensorrt_available(), reason="a TensorRT-capable GPU is present")
+def test_tensorrt_without_a_gpu_is_refused_clearly(tmp_path):
+    import subprocess
+    import sys
+
+    ckpt = checkpoint(tmp_path / "m.pt", base=4)
+    ct_file(tmp_path / "ct.nii.gz", shape=(32, 32, 2))
+    r = subprocess.run([sys.executable, "-m", "resunet", "predict", "-m", str(ckpt), "-i", str(tmp_path / "ct.nii.gz"),
+                        "-o", str(tmp_path / "out"), "--backend", "tensorrt"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tensorrt needs an NVIDIA GPU" in r.stderr and "--backend onnx or auto" in r.stderr
+    assert not (tmp_path / "out").exists()

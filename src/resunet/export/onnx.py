@@ -96,7 +96,7 @@ class OnnxNetwork:
 
     training = False
 
-    def __init__(self, source: str | Path | bytes, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, source: str | Path | bytes, threads: int | None = None, providers: list | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()

@@ -6,8 +6,9 @@ A backend turns the trained PyTorch network into a callable ``(B, C, *S) -> (B, 
 - ``channels_last``: the network and its inputs in channels-last memory format (2-D only).
 - ``bf16`` / ``fp16``: autocast; bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), fp16 on CUDA.
   Without native support bf16 is emulated and many times slower, so it is not a candidate there.
-- ``onnx``: the network exported to ONNX and run by ONNX Runtime (CPU; CUDA / TensorRT execution
-  providers when onnxruntime-gpu is installed and a GPU is used).
+- ``onnx``: the network exported to ONNX and run by ONNX Runtime on the CPU.
+- ``tensorrt``: the same ONNX file run by ONNX Runtime's TensorRT execution provider in FP16
+  (NVIDIA GPU + onnxruntime-gpu built with TensorRT); refused with a clear message elsewhere.
 
 ``choose_backend`` times every candidate on a calibration batch (median of repeats after one
 warm-up), rejects those whose labels differ from eager fp32 (Dice < 0.999 per class present, or
@@ -34,7 +35,7 @@ from resunet.data.io import atomic_write
 from resunet.errors import ConfigError
 
 Network = Callable[[torch.Tensor], torch.Tensor]
-BACKENDS = ("auto", "eager", "channels_last", "bf16", "fp16", "onnx")
+BACKENDS = ("auto", "eager", "channels_last", "bf16", "fp16", "onnx", "tensorrt")
 LOGIT_ATOL, LOGIT_RTOL = 1e-3, 1e-3  # fp32 backends: reordered sums, fused BatchNorm
 MIN_DICE = 0.999
 
@@ -82,7 +83,16 @@ def candidates(spatial_dims: int, device: torch.device) -> list[str]:
         names.append("bf16")
     if device.type == "cpu":
         names.append("onnx")
+    elif tensorrt_available():
+        names.append("tensorrt")
     return names
+
+
+def tensorrt_available() -> bool:
+    """An NVIDIA GPU and ONNX Runtime's TensorRT execution provider are both present."""
+    import onnxruntime
+
+    return torch.cuda.is_available() and "TensorrtExecutionProvider" in onnxruntime.get_available_providers()
 
 
 class _Autocast:
@@ -118,6 +128,19 @@ def make_network(name: str, model: torch.nn.Module, spec: dict[str, Any], device
         from resunet.infer.predictor import _onnx_network
 
         return _onnx_network(model, spec)
+    if name == "tensorrt":
+        from resunet.infer.predictor import _onnx_network
+
+        if device.type != "cuda" or not tensorrt_available():
+            raise ConfigError(
+                "backend tensorrt needs an NVIDIA GPU (--device cuda) and onnxruntime-gpu with the TensorRT "
+                "execution provider; this machine has "
+                + ("no CUDA GPU" if not torch.cuda.is_available() else "no TensorRT provider")
+                + " -- use --backend onnx or auto")
+        providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                                    "trt_engine_cache_path": str(cache_root() / "trt")}),
+                     "CUDAExecutionProvider"]
+        return _onnx_network(model, spec, providers=providers)
     raise ConfigError(f"backend {name!r} is not available; choose one of {', '.join(BACKENDS)}")
 
 

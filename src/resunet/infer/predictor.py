@@ -135,7 +135,8 @@ class Predictor:
             raise ConfigError(f"{source} is an ONNX file: it runs with the onnx backend only")
         if isinstance(self.model, OnnxNetwork) or backend == "onnx":
             if self.device.type != "cpu" or amp:
-                raise ConfigError("the onnx backend runs fp32 on the CPU here; drop --amp / use --device cpu")
+                raise ConfigError("the onnx backend runs fp32 on the CPU; drop --amp / use --device cpu "
+                                  "(on a GPU use --backend tensorrt)")
             backend = "onnx"
         self.model.to(self.device).eval()
         self.backend = backend
@@ -317,7 +318,7 @@ class Predictor:
         return labels
 
 
-def _onnx_network(model: torch.nn.Module, spec: dict[str, Any]) -> "OnnxNetwork":
+def _onnx_network(model: torch.nn.Module, spec: dict[str, Any], providers: list | None = None) -> "OnnxNetwork":
     """Export ``model`` to ONNX (or reuse the cached export) and open it with ONNX Runtime."""
     import tempfile
 
@@ -326,11 +327,12 @@ def _onnx_network(model: torch.nn.Module, spec: dict[str, Any]) -> "OnnxNetwork"
     cached = onnx_cache_path(spec)
     if cached is not None and cached.is_file():
         try:
-            return OnnxNetwork(cached)
+            return OnnxNetwork(cached, providers=providers)
         except ModelError:
             pass  # a damaged cache entry: export again
     if cached is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return OnnxNetwork(Path(export_onnx(model, spec, Path(tmp) / "model.onnx")).read_bytes())
+            data = Path(export_onnx(model, spec, Path(tmp) / "model.onnx")).read_bytes()
+            return OnnxNetwork(data, providers=providers)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    return OnnxNetwork(export_onnx(model, spec, cached))
+    return OnnxNetwork(export_onnx(model, spec, cached), providers=providers)
