@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,29 @@ def test_spool_completion_and_abort_rules(tmp_path):
     leftovers = again.prepare()
     assert [s.series_uid for s in leftovers] == ["1.2.3"]  # still in processing/: segmented again
     assert (tmp_path / "spool" / "aborted" / "1.2" / "1.2.5" / "reason.txt").is_file()
+
+
+def test_a_series_that_never_completes_is_never_segmented_and_blocks_nothing(start_node, dest, series, predictor,
+                                                                            tmp_path):
+    """An association that delivers part of a series and then stays open (a stalled sender): that
+    series waits; other series are served meanwhile; closing without A-RELEASE quarantines it."""
+    node = start_node(dest.port)
+    stalled = scu().associate("127.0.0.1", node.port, ae_title="RESUNET")
+    assert stalled.is_established
+    try:
+        for path in series.files[:3]:
+            assert stalled.send_c_store(path).Status == 0
+        other = write_ct_series(tmp_path / "other", ct_array(seed=7))
+        assert send_files(node.port, other.files) == [0] * len(other.files)
+        wait_for(lambda: dest.received, 30, "the SEG of the other series")
+        check_seg(dest.received[0], other, predictor, tmp_path)
+        # the other series needed TIMEOUT of quiet, so the stalled one has been quiet longer; give it more
+        time.sleep(2 * TIMEOUT)
+        assert node.spool.pending() == 1 and len(dest.received) == 1
+        incoming = node.spool.folder("incoming") / series.study_uid / series.series_uid
+        assert len(list(incoming.glob("*.dcm"))) == 3
+    finally:
+        stalled.abort()
+    aborted = node.spool.folder("aborted") / series.study_uid / series.series_uid
+    wait_for(lambda: (aborted / "reason.txt").is_file(), 10, "the stalled series in aborted/")
+    assert len(dest.received) == 1
