@@ -83,9 +83,15 @@ def train(
 ) -> None:
     """Train a model from a YAML config (and/or --set overrides); works under torchrun for DDP."""
     from resunet.train.config import load_config, parse_overrides
+    from resunet.train.signals import TrainingInterrupted
     from resunet.train.trainer import fit
 
     if resume is not None:
+        if not (resume / "last.pt").is_file():
+            raise ResunetError(
+                f"{resume} holds no run to resume (no last.pt); pass the output folder of an earlier "
+                "`resunet train` (it holds config.yaml and last.pt)"
+            )
         if config is None:
             config = resume / "config.yaml"
         overrides = [*overrides, f"output_dir={resume}"]
@@ -95,7 +101,11 @@ def train(
             target = tree.setdefault("data", {}) if key == "dataset" else tree
             target[key] = str(value) if isinstance(value, Path) else value
     cfg = load_config(config, tree)
-    result = fit(cfg, resume=resume is not None)
+    try:
+        result = fit(cfg, resume=resume is not None)
+    except TrainingInterrupted as stop:  # SIGINT / SIGTERM: last.pt written; say where and how to resume
+        Console(stderr=True).print(str(stop), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
     if os.environ.get("RANK", "0") == "0":
         console.print(f"run folder: {result.run_dir} ({result.epochs_run} epochs, best val Dice {result.best_val_dice})")
 
@@ -133,6 +143,10 @@ def predict(
     from resunet.infer.run import predict_inputs
     from resunet.infer.predictor import PostprocessConfig, Predictor
 
+    if batch_size < 1:
+        raise ResunetError(f"--batch-size must be >= 1, got {batch_size}")
+    if min_size < 0:
+        raise ResunetError(f"--min-size must be >= 0 voxels, got {min_size}")
     if device == "cuda" and not __import__("torch").cuda.is_available():
         raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     from resunet.infer.backends import set_threads
@@ -184,6 +198,13 @@ def evaluate(
             values |= {int(v) for v in np.unique(read_volume(path).array)}
         names = {f"label_{v}": v for v in sorted(values)}
     result = evaluate_folders(pred, gt, names, tolerance_mm)
+    if not result.rows and (result.failed or not set(case_files(pred)) & set(case_files(gt))):
+        # nothing to report: say why instead of writing empty tables
+        why = [f"  {case}: {err}" for case, err in result.failed.items()]
+        if not result.failed:
+            why = [f"  no file name of {pred} matches one of {gt} (ground truth: "
+                   f"{', '.join(result.missing_pred[:5]) or 'none'}); predictions and labels must share file names"]
+        raise ResunetError("no case could be evaluated:\n" + "\n".join(why))
     paths = write_evaluation(result, out or pred)
     paths["report"] = write_report(result, pred, gt, images, out or pred)
     table = Table(title=f"{len({r['case'] for r in result.rows})} case(s): mean ± sd")
@@ -246,9 +267,11 @@ def export(
         raise ResunetError(f"--format must be onnx or torchscript, got {format!r}")
     if model.suffix.lower() == ".onnx":
         raise ResunetError(f"{model} is already an ONNX file; pass the checkpoint (.pt) it came from")
+    from resunet.data.io import make_folder
+
     predictor = Predictor.from_file(model)
     net = predictor.model
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(output.parent)
     if format == "torchscript":
         export_torchscript(net, predictor.spec, output)
         console.print(f"TorchScript written to {output}")

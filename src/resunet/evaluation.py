@@ -29,7 +29,9 @@ def case_files(folder: Path) -> dict[str, Path]:
     """``{case id: path}`` of every label file in ``folder`` (``_0000`` channel suffix dropped)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder of label files")
+        raise InputError(
+            f"{folder} is not a folder of label files; pass the folder holding them ({', '.join(LABEL_SUFFIXES)})"
+        )
     out = {}
     for p in sorted(folder.iterdir()):
         suffix = next((s for s in LABEL_SUFFIXES if p.name.lower().endswith(s)), None)

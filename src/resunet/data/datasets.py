@@ -451,7 +451,10 @@ def find_dataset(root: str | os.PathLike[str]) -> DatasetInfo:
     """
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"dataset folder {root} does not exist or is not a folder")
+        raise InputError(
+            f"dataset folder {root} does not exist or is not a folder; check the path (training config: "
+            "data.dataset)"
+        )
     js = root / "dataset.json"
     data = _load_json(js) if js.is_file() else None
     if data is not None:

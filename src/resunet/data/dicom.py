@@ -146,7 +146,9 @@ def _scan(paths: list[Path]) -> tuple[list[_FileHeader], list[tuple[Path, str]],
         if raw and ("SOPClassUID" not in ds or "SeriesInstanceUID" not in ds):
             continue  # not DICOM after all
         if not _is_image(ds):
-            kind = str(ds.get("Modality", "")) or ("no PixelData" if "PixelData" not in ds else "?")
+            kind = str(ds.get("Modality", "")) or "?"
+            if "PixelData" not in ds and kind.upper() not in _NON_IMAGE_MODALITIES:
+                kind = f"{kind} without PixelData"  # an image object whose pixels are missing
             non_image.append((path, kind))
             continue
         images.append(
@@ -609,7 +611,8 @@ def read_dicom_series(folder_or_file: str | os.PathLike[str], series_uid: str | 
             listing = "\n".join("  - " + s.describe() for s in _summaries(groups))
             raise InputError(
                 f"folder {path} holds {len(groups)} image series:\n{listing}\n"
-                "pass series_uid=<one of these SeriesInstanceUIDs> (CLI: --series-uid) to pick one"
+                "move each series into its own folder (resunet predict reads one series per folder), "
+                "or pass series_uid=<one of these SeriesInstanceUIDs> to read_volume to pick one"
             )
         series_uid = next(iter(groups))
     elif series_uid not in groups:

@@ -47,6 +47,7 @@ __all__ = [
     "SUPPORTED_WRITE",
     "atomic_write",
     "file_kind",
+    "make_folder",
     "nifti_affine_to_geometry",
     "geometry_to_nifti_affine",
     "read_header",
@@ -117,6 +118,18 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.close(dir_fd)
 
 
+def make_folder(folder: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """``mkdir -p folder``; an `InputError` naming the path when it cannot be created."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
+        raise InputError(f"cannot create the {what} {folder}: {why}; choose another path") from None
+    return folder
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -135,7 +148,21 @@ def file_kind(path: str | os.PathLike[str]) -> str:
     Raises `InputError` when the path does not exist, is an empty file or has an unknown type.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+        if exists:  # an unreadable file or folder fails here, not deep inside a reader
+            if path.is_dir():
+                with os.scandir(path) as entries:
+                    next(entries, None)
+            elif path.is_file():  # (not a FIFO or device: opening those could block)
+                with open(path, "rb"):
+                    pass
+    except PermissionError:
+        raise InputError(
+            f"{path}: permission denied; make it readable for this user (e.g. chmod a+r on the "
+            "file, a+rx on its folders) or run as a user who may read it"
+        ) from None
+    if not exists:
         raise InputError(f"{path} does not exist; check the path (supported: {SUPPORTED_READ})")
     if path.is_dir():
         return "dicom"
@@ -228,10 +255,61 @@ def _nib():
     return nibabel
 
 
+# DEFLATE cannot compress by more than 1032:1, so a .nii.gz of n bytes holds < 1032 n bytes of data
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_nifti_size(img: Any, path: Path) -> None:
+    """Refuse a header whose data cannot be in the file (or in memory) before reading it.
+
+    A corrupt header claiming e.g. 2000^3 voxels would otherwise make the reader allocate the
+    whole array (gigabytes) before finding out that the file is a few bytes long.
+    """
+    header = img.header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    if any(s < 0 for s in shape):  # pragma: no cover - nibabel refuses these itself
+        raise InputError(f"{path}: the header gives negative dimensions {shape}; the header is corrupt")
+    nbytes = int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
+    claim = f"the header claims shape {shape} of {header.get_data_dtype()} ({nbytes / 2**30:.3g} GiB)"
+    size = path.stat().st_size
+    offset = int(header.get_data_offset())
+    if path.name.lower().endswith(".gz"):
+        if nbytes > _DEFLATE_MAX_RATIO * size + 4096:
+            raise InputError(
+                f"{path}: {claim} but the compressed file ({size} bytes) cannot hold that much: it is "
+                "truncated or its header is wrong; re-export or re-copy it"
+            )
+    elif size < offset + nbytes:
+        raise InputError(
+            f"{path}: {claim} but the file holds only {max(0, size - offset)} bytes of data: it is "
+            "truncated or its header is wrong; re-export or re-copy it"
+        )
+    memory = _physical_memory()
+    if memory is not None and nbytes > memory:
+        raise InputError(
+            f"{path}: {claim}, more than this machine's memory ({memory / 2**30:.3g} GiB); if the "
+            "header is right, crop or downsample the image first"
+        )
+
+
 def _read_nifti(path: Path) -> Volume:
     nib = _nib()
     try:
         img = nib.load(str(path), mmap=False)
+    except Exception as exc:  # not NIfTI at all, unreadable header, gzip error
+        raise InputError(
+            f"cannot read NIfTI file {path}: {type(exc).__name__}: {exc}. The file is corrupt "
+            "or truncated (e.g. an interrupted download or copy); re-export or re-copy it"
+        ) from exc
+    _check_nifti_size(img, path)
+    try:
         # Force the read now: a truncated .nii.gz fails here, not later in training.
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel, gzip, zlib, EOFError, ValueError, OSError ...
@@ -240,6 +318,11 @@ def _read_nifti(path: Path) -> Volume:
             "or truncated (e.g. an interrupted download or copy); re-export or re-copy it"
         ) from exc
     data = np.asarray(data)
+    if data.ndim < 2 or data.size == 0:
+        raise InputError(
+            f"{path}: NIfTI array of shape {data.shape} is {data.ndim}-D or empty, not an image; "
+            "resunet reads 2-D and 3-D images (4-D with channels on the last axis)"
+        )
     if data.ndim == 5 and data.shape[3] == 1:  # ITK vector images: (X, Y, Z, 1, C)
         data = data[:, :, :, 0, :]
     while data.ndim < 3:

@@ -596,6 +596,14 @@ def _stack_images(images: Sequence[Volume]) -> Volume:
                 stacklevel=3,
             )
         arr = np.asarray(vol.array, dtype=np.float32)
+        finite = np.isfinite(arr)
+        if not finite.all():  # one NaN would silently turn the whole normalised case into NaN
+            bad = int(finite.size - np.count_nonzero(finite))
+            where = vol.meta.get("path") or f"image {k} of the case"
+            raise InputError(
+                f"{where} holds {bad} NaN/Inf voxel(s) (or values beyond float32); replace them "
+                "before segmenting or training (e.g. numpy.nan_to_num, or re-export the image)"
+            )
         arrays.append(arr[None] if arr.ndim == vol.spatial_ndim else arr)
     stacked = np.concatenate(arrays, axis=0)
     return Volume(

@@ -52,7 +52,9 @@ def discover_inputs(path: Path, num_channels: int = 1) -> list[InputCase]:
     """Cases under ``path`` (see the module docstring); `InputError` when there are none."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"input {path} does not exist")
+        raise InputError(
+            f"input {path} does not exist; pass an image file, a DICOM series folder or a folder of cases"
+        )
     if path.is_file():
         kind = file_kind(path)
         stem, suffix = _split_suffix(path)

@@ -122,7 +122,14 @@ class Predictor:
             else:
                 cfg = dict(checkpoint["model"])
                 self.model = build_model(cfg.pop("name"), **cfg)
-                self.model.load_state_dict(checkpoint["state_dict"])
+                try:
+                    self.model.load_state_dict(checkpoint["state_dict"])
+                except RuntimeError as err:  # e.g. weights of another model under this model config
+                    detail = " ".join(str(err).split())[:300]
+                    raise ModelError(
+                        f"{source}: its weights do not fit its model config {dict(checkpoint['model'])} "
+                        f"({detail}); the file mixes two models -- use the best.pt / last.pt its run wrote"
+                    ) from None
                 self.spec = model_spec(checkpoint, self.model)
             self.preprocess = PreprocessConfig.model_validate(self.spec["preprocess"])
             self.labels: dict[str, int] = {str(k): int(v) for k, v in self.spec["labels"].items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from resunet.data.io import read_volume, write_volume
+from resunet.data.io import make_folder, read_volume, write_volume
 from resunet.errors import ResunetError
 from resunet.data.preprocess import PreprocessedCase
 from resunet.data.volume import Volume
@@ -32,6 +32,8 @@ def predict_inputs(predictor: Predictor, input_path: Path, output: Path) -> tupl
     cases = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(cases) == 1
+    # a blocked output path (a file where the folder should be) fails once, before any work
+    make_folder(output_path(output, cases[0].case_id, cases[0].suffix, single).parent)
     written: list[Path] = []
     failed: dict[str, str] = {}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +54,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run folder")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, pickled code refused
+        with warnings.catch_warnings():  # torch's note on the pickle protocol says nothing to users
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: never for untrusted files
+        raise ModelError(
+            f"{path} is not a readable resunet checkpoint: it holds pickled objects other than tensors "
+            "(possibly code), which resunet refuses without running them (weights_only), or it is no "
+            "torch file at all; use the best.pt / last.pt of a `resunet train` run from a source you trust"
+        ) from None
+    except Exception as err:  # truncated zip, not a torch file
         raise ModelError(
             f"{path} is not a readable resunet checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
             "it may be truncated or of another format -- re-export it from the run folder"

@@ -182,7 +182,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(f"config file {path} does not exist; check the --config path") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):

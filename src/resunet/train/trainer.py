@@ -3,6 +3,15 @@
 Data: dataset folder -> validated cases -> preprocessed cache (memory-mapped) -> `PatchSampler`
 batches -> `augment_batch` on the training device. Each epoch draws its batches from RNGs seeded by
 ``(seed, epoch, rank)``, so a resumed run sees exactly the batches an uninterrupted run would.
+
+SIGINT / SIGTERM (`resunet.train.signals`): the current iteration finishes; at that iteration
+boundary (every rank agreeing, via an all-reduce) rank 0 writes ``last.pt`` with the full training
+state -- plus the iterations of the current epoch already done and their losses -- and `fit`
+raises `TrainingInterrupted` (CLI: exit code 130 / 143). ``--resume`` replays that epoch's batch
+and augmentation draws up to the stop (without training on them) and continues, so the final
+weights equal an uninterrupted run's (deterministic CPU). A signal arriving during validation or
+the end-of-epoch save is acted on at the next iteration boundary; one arriving after the last
+iteration of the last epoch lets the run finish normally.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from resunet.data.augment import augment_batch
+from resunet.data.augment import AugmentConfig, augment_batch
 from resunet.data.cache import CachedCase, build_cache
 from resunet.data.datasets import DatasetInfo, find_dataset, read_label, validate_dataset
 from resunet.data.io import atomic_write
@@ -31,6 +40,7 @@ from resunet.train.checkpoint import load_checkpoint, load_matching_weights, sav
 from resunet.train.config import TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from resunet.train.logger import RunLogger
+from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
 from resunet.train.stages import lr_factor, stage_for_epoch
 from resunet.train.steps import dice_from_counts, train_step, validation_counts
 
@@ -80,6 +90,35 @@ def label_layout(info: DatasetInfo) -> tuple[dict[str, int], int]:
     return labels, 1 if len(values) == 2 else len(values)
 
 
+def epoch_generators(seed: int, epoch: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """The RNGs one epoch draws its batches from: the sampler's numpy generator (slice / patch
+    placement) and the CPU ``torch.Generator`` of `augment_batch`, both seeded by ``(seed, epoch,
+    rank)`` only, so a resumed run sees exactly the batches an uninterrupted one would."""
+    return (
+        np.random.default_rng([seed, epoch, rank]),
+        torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1009 + rank),
+    )
+
+
+def make_batch(
+    sampler: PatchSampler,
+    augment: AugmentConfig | None,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch as the loop builds it: ``sampler.sample()`` (drawn from
+    ``sampler.rng``), moved to ``device``, `augment_batch` with ``augment`` (an `AugmentConfig`)
+    and ``generator``; ``channels_last`` for 2-D models trained in that memory format.
+    Returns ``(images (B, C, *patch) float32, labels (B, 1, *patch) int64)``."""
+    images, targets = sampler.sample()
+    images, targets = images.to(device), targets.to(device)
+    images, targets = augment_batch(images, targets, augment, generator)
+    if channels_last and images.ndim == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
 def _seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -116,13 +155,18 @@ def fit(config: TrainConfig, resume: bool = False) -> FitResult:
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
+    stop = StopRequest()  # SIGINT / SIGTERM handlers, installed when the epochs start
     try:
-        return _fit(config, resume, device, dist_info)
+        return _fit(config, resume, device, dist_info, stop)
     finally:
-        shutdown(dist_info)
+        try:
+            shutdown(dist_info)
+        finally:
+            stop.restore()
 
 
-def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo) -> FitResult:
+def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo,
+         stop: StopRequest) -> FitResult:
     run_dir = Path(config.output_dir)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if not resume and last_path.exists():
@@ -174,6 +218,7 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     logger = RunLogger(run_dir, class_names, enabled=dist_info.is_main)
 
     start_epoch, best, bad_validations = 0, None, 0
+    start_iteration, resumed_losses = 0, []
     if resume:
         ckpt = load_checkpoint(last_path, map_location=device)
         model.load_state_dict(ckpt["state_dict"])
@@ -183,6 +228,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_torch"])
         start_epoch, best, bad_validations = ckpt["epoch"], state["best"], state["bad_validations"]
+        # stopped by a signal mid-epoch: iterations of epoch `start_epoch` already done, their losses
+        start_iteration, resumed_losses = int(state.get("iteration", 0)), list(state.get("epoch_losses", []))
         logger.restore(ckpt["history"])
     elif dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +250,7 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
         batch_size=config.val_batch_size, amp=config.amp,
     )
     t_start, epoch_seconds = time.perf_counter(), 0.0
+    stop.install()
     for epoch in range(start_epoch, config.total_epochs):
         t0 = time.perf_counter()
         over_budget = bool(config.max_minutes) and (t0 - t_start + epoch_seconds) > config.max_minutes * 60
@@ -218,26 +266,36 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
                 train_cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
                 context=config.data.context, seed=0,
             )
-        sampler.rng = np.random.default_rng([config.seed, epoch, dist_info.rank])
-        generator = torch.Generator().manual_seed((config.seed * 1_000_003 + epoch) * 1009 + dist_info.rank)
+        sampler.rng, generator = epoch_generators(config.seed, epoch, dist_info.rank)
         freeze = frozen if epoch < config.freeze_encoder_epochs else ()
 
-        losses = []
+        skip = start_iteration if epoch == start_epoch else 0  # done before a signal stopped the run
+        losses, stopped_at = (list(resumed_losses) if skip else []), None
         with _progress(dist_info.is_main) as bar:
             task = bar.add_task(
                 f"epoch {epoch + 1}/{config.total_epochs} (stage {idx + 1}, {'x'.join(map(str, stage.patch_size))}, "
                 f"batch {stage.batch_size})", total=stage.iterations_per_epoch, loss=0.0, speed=0.0,
             )
             t_iter = time.perf_counter()
-            for it, (images, targets) in enumerate(sampler.batches(stage.iterations_per_epoch)):
-                images, targets = images.to(device), targets.to(device)
-                images, targets = augment_batch(images, targets, config.augment, generator)
-                if config.channels_last and spatial_dims == 2:
-                    images = images.contiguous(memory_format=torch.channels_last)
+            for it in range(stage.iterations_per_epoch):
+                if it >= skip and stop.agreed(dist_info):  # a signal: every rank stops here
+                    stopped_at = it
+                    break
+                images, targets = make_batch(sampler, config.augment, generator, device,
+                                             config.channels_last and spatial_dims == 2)
+                if it < skip:  # resumed mid-epoch: replay the draws only, these were trained on
+                    bar.update(task, advance=1)
+                    continue
                 losses.append(train_step(train_model, images, targets, loss_fn, optimizer, scaler, config.amp, freeze))
                 scheduler.step()
                 bar.update(task, advance=1, loss=float(np.mean(losses[-20:])),
                            speed=(it + 1) / (time.perf_counter() - t_iter))
+        if stopped_at is not None:
+            _save_and_stop(stop, dist_info, run_dir, epoch, stopped_at, losses, config, lambda: {
+                **_checkpoint_payload(model, config, labels, stage, epoch, logger.rows,
+                                      logger.rows[-1] if logger.rows else {}),
+                "training_state": _training_state(optimizer, scheduler, scaler, best, bad_validations),
+            })
         train_loss = float(all_reduce_sum(torch.tensor([np.mean(losses)], dtype=torch.float64), dist_info)[0]) / dist_info.world_size
 
         row: dict[str, Any] = {"epoch": epoch + 1, "stage": idx + 1, "train_loss": train_loss,
@@ -266,11 +324,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
             payload = _checkpoint_payload(model, config, labels, stage, epoch + 1, logger.rows, row)
             if improved:
                 save_checkpoint(best_path, payload)
-            save_checkpoint(last_path, {**payload, "training_state": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng_torch": torch.get_rng_state(),
-                "best": best, "bad_validations": bad_validations,
-            }})
+            save_checkpoint(last_path, {**payload, "training_state": _training_state(
+                optimizer, scheduler, scaler, best, bad_validations)})
             dice_text = "" if row.get("val_dice_mean") is None else "  val Dice " + "  ".join(
                 f"{n} {row[f'val_dice_{n}']:.4f}" for n in class_names)
             console.print(f"epoch {epoch + 1:3d}  loss {train_loss:.4f}{dice_text}  ({row['seconds']:.0f} s)")
@@ -284,6 +339,45 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
         # no validation cases: the last weights are the best we have
         save_checkpoint(best_path, {k: v for k, v in load_checkpoint(last_path).items() if k != "training_state"})
     return FitResult(run_dir, epochs_run, best, stopped_early)
+
+
+def _training_state(optimizer, scheduler, scaler, best, bad_validations) -> dict[str, Any]:
+    """What ``--resume`` needs besides the weights (``last.pt`` only)."""
+    return {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng_torch": torch.get_rng_state(),
+        "best": best, "bad_validations": bad_validations,
+    }
+
+
+def _save_and_stop(stop: StopRequest, dist_info: DistInfo, run_dir: Path, epoch: int, iteration: int,
+                   losses: list[float], config: TrainConfig, payload) -> None:
+    """After a signal: rank 0 writes ``last.pt`` (``payload()`` plus where the epoch stopped), then
+    every rank raises `TrainingInterrupted` saying where the run stopped and how to resume it."""
+    # the losses of this epoch so far, per iteration averaged over ranks (as is in one process)
+    if losses:
+        losses = (all_reduce_sum(torch.tensor(losses, dtype=torch.float64), dist_info) / dist_info.world_size).tolist()
+    last_path = run_dir / "last.pt"
+    if dist_info.is_main:
+        full = payload()
+        full["training_state"].update(iteration=iteration, epoch_losses=[float(v) for v in losses])
+        with stop.saving():  # a second signal waits for the complete file
+            save_checkpoint(last_path, full)
+    barrier(dist_info)
+    stop.finish()
+    iterations = stage_for_epoch(config.stages, epoch)[1].iterations_per_epoch
+    where = (f"after epoch {epoch}/{config.total_epochs}" if iteration == 0 else
+             f"in epoch {epoch + 1}/{config.total_epochs} after iteration {iteration}/{iterations}")
+    command = f"resunet train --resume {run_dir}"
+    if dist_info.enabled:
+        command = f"torchrun <the same torchrun options> -m {command}"
+    signum = stop.signum or 2
+    raise TrainingInterrupted(
+        signum,
+        f"training stopped by {signal_name(signum)} {where}; the full training state is in {last_path}. "
+        f"Continue exactly where it stopped with: {command}",
+        checkpoint=last_path,
+    )
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
