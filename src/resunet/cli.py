@@ -285,12 +285,17 @@ def export(
 
 @app.command()
 def bench(
-    base: int = typer.Option(64, help="ResUNet base width."),
-    size: int = typer.Option(256, help="Slice size (pixels per side)."),
-    slices: int = typer.Option(16, help="Slices in the volume."),
+    base: int = typer.Option(64, help="ResUNet base width of the backend benchmark."),
+    size: int = typer.Option(256, help="Slice size (pixels per side) of the backend benchmark."),
+    slices: int = typer.Option(16, help="Slices in the backend benchmark's volume."),
     repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
+    peers: bool = typer.Option(True, "--peers/--no-peers",
+                               help="Also run the quick MONAI comparisons (whole-volume predict, training step)."),
 ) -> None:
-    """Quick benchmark: whole-volume predict with the auto backend vs fp32 eager PyTorch (same weights)."""
+    """Quick benchmark set: auto backend vs fp32 eager; whole-volume predict and training step vs MONAI."""
+    import subprocess
+
+    import resunet as package
     from resunet.bench import bench_backends
     from resunet.infer.backends import machine_key
 
@@ -310,6 +315,26 @@ def bench(
     console.print("calibration (ms per batch): " + ", ".join(
         f"{k} {v:.0f}" + (" rejected" if k in r["rejected"] else "") for k, v in r["calibration_ms"].items()),
         soft_wrap=True)
+    if not peers:
+        return
+    scripts = Path(package.__file__).resolve().parents[2] / "benchmarks"
+    quick = {  # the full-size runs and their recorded figures: benchmarks/RESULTS.md
+        "bench_predict.py": ["--depth-slices", "8", "--size", "512", "--base", "32", "--repeats", "1"],
+        "bench_train.py": ["--iterations", "2", "--data-batches", "3", "--workers", "2"],
+    }
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        console.print("MONAI comparisons skipped: MONAI is not installed (pip install -e '.[test]')")
+        return
+    if not scripts.is_dir():
+        console.print(f"MONAI comparisons skipped: {scripts} not found (they run from a source checkout)")
+        return
+    for script, args in quick.items():
+        console.print(f"\n[bold]$ python benchmarks/{script} {' '.join(args)}[/]")
+        done = subprocess.run([sys.executable, str(scripts / script), *args], cwd=scripts)
+        if done.returncode:
+            raise ResunetError(f"benchmarks/{script} failed with exit status {done.returncode}")
 
 
 serve_app = typer.Typer(help="Serve a model: HTTP API with dynamic batching, or a DICOM node for a PACS.",
