@@ -65,7 +65,8 @@ class RunLogger:
                 ax_dice.plot(*zip(*pts), "o-", label=name)
         ax_dice.set_xlabel("epoch")
         ax_dice.set_ylabel("validation Dice")
-        ax_dice.legend()
+        if ax_dice.get_lines():  # no validation yet: no legend (matplotlib warns on an empty one)
+            ax_dice.legend()
         ax_dice.grid(alpha=0.3)
         fig.tight_layout()
         with atomic_write(self.run_dir / "curves.png") as tmp:
