@@ -154,3 +154,30 @@ def test_files_that_are_not_resunet_onnx_are_refused(tmp_path):
     r = run_cli("predict", "-m", str(junk), "-i", str(tmp_path), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "junk.onnx" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_that_disagrees_with_pytorch_leaves_no_file(tmp_path, monkeypatch, capsys):
+    import resunet.export.onnx as onnx_module
+    from resunet.cli import main
+
+    ckpt = checkpoint(tmp_path / "m.pt", dims=2, base=4)
+
+    def fake_export(model, spec, path):  # stands in for an exporter bug: a file that computes something else
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    class OffByOne:
+        def __init__(self, source):
+            self.net = Predictor.from_file(ckpt).model
+
+        def __call__(self, x):
+            with torch.no_grad():
+                return self.net(x) + 1.0
+
+    monkeypatch.setattr(onnx_module, "export_onnx", fake_export)
+    monkeypatch.setattr(onnx_module, "OnnxNetwork", OffByOne)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "-m", str(ckpt), "-o", str(tmp_path / "bad.onnx")])
+    assert exit_info.value.code == 2
+    assert "differs from PyTorch by 1.00e+00" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()

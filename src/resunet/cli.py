@@ -137,7 +137,7 @@ def predict(
     min_size: int = typer.Option(0, help="Remove components smaller than this many voxels."),
     backend: str = typer.Option(
         "auto", help="auto (fastest matching fp32 on this machine, cached), eager, channels_last, bf16, fp16, "
-        "onnx (implied by a .onnx model)."),
+        "onnx (implied by a .onnx model), tensorrt (NVIDIA GPU)."),
 ) -> None:
     """Segment images with a trained model; masks are written in the input's geometry."""
     from resunet.infer.run import predict_inputs
@@ -259,7 +259,7 @@ def export(
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
 ) -> None:
     """Export a checkpoint as a self-describing ONNX (or TorchScript) file; checks parity before finishing."""
-    from resunet.export.onnx import OnnxNetwork, example_input, export_onnx, model_spec
+    from resunet.export.onnx import OnnxNetwork, example_input, export_onnx
     from resunet.export.torchscript import export_torchscript
     from resunet.infer.predictor import Predictor
 
@@ -280,6 +280,9 @@ def export(
     x = example_input(predictor.spec, batch=2)
     with __import__("torch").no_grad():
         diff = (OnnxNetwork(output)(x) - net(x)).abs().max().item()
+    if not diff <= 1e-4:  # never leave a model behind that computes something else
+        output.unlink(missing_ok=True)
+        raise ResunetError(f"the exported ONNX model differs from PyTorch by {diff:.2e} (> 1e-4); nothing written")
     console.print(f"ONNX written to {output} (max |logit diff| vs PyTorch on {tuple(x.shape)}: {diff:.2e})", soft_wrap=True)
 
 
