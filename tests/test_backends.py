@@ -109,3 +109,19 @@ def test_tensorrt_without_a_gpu_is_refused_clearly(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tensorrt needs an NVIDIA GPU" in r.stderr and "--backend onnx or auto" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_resunet_bench_prints_the_speed_up_and_identical_masks(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "resunet", "bench", "--base", "4", "--size", "64", "--slices", "2",
+                        "--repeats", "1", "--no-peers"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "speed-up auto / eager:" in out and "calibration (ms per batch): eager" in out
+    import re
+
+    dice = [float(v) for v in re.findall(r"(?:organ|lesion) ([0-9.]+)", out)]
+    assert len(dice) == 2 and min(dice) >= 0.999  # auto's masks match fp32 eager's (its own gate)
+    assert not list(tmp_path.iterdir())  # no cache or model left in the working folder

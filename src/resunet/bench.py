@@ -82,22 +82,28 @@ def bench_backends(base: int = 64, size: int = 256, slices: int = 16, repeats: i
     from resunet.infer.predictor import Predictor
 
     threads = set_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["RESUNET_CACHE"] = str(Path(tmp) / "cache")  # calibrate afresh, leave no cache behind
-        ckpt = make_checkpoint(Path(tmp) / "model.pt", base)
-        volume = Volume(synthetic_ct(slices, size), (2.5, 0.8, 0.8), (0.0, 0.0, 0.0), np.eye(3))
-        sides = {name: Predictor.from_file(ckpt, backend=name, batch_size=batch_size) for name in ("eager", "auto")}
-        sides["auto"].predict([Volume(volume.array[:batch_size], volume.spacing, volume.origin, volume.direction)])
-        times: dict[str, list[float]] = {name: [] for name in sides}
-        masks = {}
-        for name, predictor in sides.items():
-            masks[name] = predictor.predict([volume]).array  # warm-up
-        for _ in range(repeats):
+    previous_cache = os.environ.get("RESUNET_CACHE")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["RESUNET_CACHE"] = str(Path(tmp) / "cache")  # calibrate afresh, leave no cache behind
+            ckpt = make_checkpoint(Path(tmp) / "model.pt", base)
+            volume = Volume(synthetic_ct(slices, size), (2.5, 0.8, 0.8), (0.0, 0.0, 0.0), np.eye(3))
+            sides = {name: Predictor.from_file(ckpt, backend=name, batch_size=batch_size) for name in ("eager", "auto")}
+            sides["auto"].predict([Volume(volume.array[:batch_size], volume.spacing, volume.origin, volume.direction)])
+            times: dict[str, list[float]] = {name: [] for name in sides}
+            masks = {}
             for name, predictor in sides.items():
-                t = time.perf_counter()
-                predictor.predict([volume])
-                times[name].append(time.perf_counter() - t)
-    os.environ.pop("RESUNET_CACHE", None)
+                masks[name] = predictor.predict([volume]).array  # warm-up
+            for _ in range(repeats):
+                for name, predictor in sides.items():
+                    t = time.perf_counter()
+                    predictor.predict([volume])
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        if previous_cache is None:
+            os.environ.pop("RESUNET_CACHE", None)
+        else:
+            os.environ["RESUNET_CACHE"] = previous_cache
     seconds = {name: statistics.median(v) for name, v in times.items()}
     choice = sides["auto"].backend_choice
     return {
