@@ -174,11 +174,13 @@ def _rss_mib(field: str) -> float:
 
 
 class NetCounter:
-    """Forward pre-hook counting network calls and input voxels (batch x spatial)."""
+    """Forward pre-hook counting network calls and input voxels (batch x spatial); without a
+    model, count through `wrap` (backends that are not torch modules)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
         self.calls = self.voxels = 0
-        model.register_forward_pre_hook(self)
+        if model is not None:
+            model.register_forward_pre_hook(self)
 
     def __call__(self, module: torch.nn.Module, inputs: tuple) -> None:
         x = inputs[0]
@@ -224,8 +226,7 @@ def child_ours(args: argparse.Namespace, workdir: Path) -> dict:
     predictor = Predictor.from_file(workdir / "model.pt", batch_size=args.batch, backend=args.backend)
     # auto: calibrate on this input's own slices now (not timed), as `resunet predict` does on its first case
     predictor.resolve_backend(torch.from_numpy(predictor.prepare([read_volume(workdir / "input.nii.gz")]).image))
-    counter = NetCounter.__new__(NetCounter)
-    counter.reset()
+    counter = NetCounter()
     predictor.net = counter.wrap(predictor.net)
     setup_rss = _rss_mib("VmRSS")
 
