@@ -3,15 +3,23 @@ with the same network and the same weights, measured in the same run.
 
 Run: python benchmarks/bench_predict.py [--depth-slices 48] [--size 512] [--base 64] [--repeats 3]
                                        [--mode 2d|3d] [--batch 8] [--roi 256] [--roi-depth 32]
+                                       [--weights trained|random] [--train-epochs 8]
 
-Setup (parent process, not timed): a synthetic CT-like int16 volume ``(N, size, size)`` (smooth
-blobs in HU -1000..1000 plus noise, fixed seed) is written as ``.nii.gz`` to a temporary folder,
-together with a checkpoint (`save_checkpoint`) of a randomly initialised (seeded)
+Setup (parent process, not timed): a synthetic CT-like int16 volume ``(N, size, size)`` (`synthetic_ct`:
+a body with a fat rim, lung / bone / soft-tissue blobs, an "organ" holding a hypodense "tumour",
+noise; fixed seed) and its labels are made; the volume is written as ``.nii.gz`` to a temporary
+folder, together with a checkpoint (`save_checkpoint`) of
 ``build_model("resunet", spatial_dims=2 or 3, in_channels=1, out_channels=3, base_channels=base)``
-with CT "abdomen" windowing (W 400 / L 50) and no crop. Random weights give meaningless but
-deterministic masks; so that the masks are not all one class, the head bias is shifted once by the
-per-class median logit on a centre crop of the volume (classes then come out balanced-ish). The
-Dice between the two masks measures agreement of the two pipelines, not segmentation quality.
+with CT "abdomen" windowing (W 400 / L 50) and no crop. Its weights:
+
+- ``--weights trained`` (default): `resunet.train.fit` trains it first on three synthetic volumes
+  of other seeds (nnU-Net layout, 2-D patches 128^2 / batch 8 or 3-D 16x96^2 / batch 2, no
+  augmentation). A trained network is what users predict with: its logits are decided away from
+  object boundaries, so the two masks may differ only where the pipelines see different context
+  (window borders) on real boundaries. Both masks are also scored against the synthetic labels.
+- ``--weights random``: seeded initialisation, head bias shifted once by the per-class median
+  logit on a centre crop of the volume (classes come out balanced-ish). All logits then sit close
+  together, so this is the worst case for agreement; the masks mean nothing.
 
 Each side then runs in its own subprocess (so the peak RSS of one does not include the other),
 with ``torch.set_num_threads(os.cpu_count())`` on both sides, the model built once from the
@@ -51,8 +59,9 @@ spreading vs MONAI's fixed interval).
 
 Reported: median seconds per phase and in total, peak RSS of each child process
 (``ru_maxrss``, includes imports, model and warm-up) and its RSS after setup (before the warm-up),
-the speed ratio MONAI/ours (> 1: ours is faster), and the Dice between the two written masks per
-foreground class and their mean (also 1 - Dice). No assertion on speed.
+the speed ratio MONAI/ours (> 1: ours is faster), the Dice between the two written masks per
+foreground class and their mean (also 1 - Dice), and with trained weights each mask's Dice against
+the synthetic labels. No assertion on speed.
 """
 
 from __future__ import annotations
@@ -82,27 +91,42 @@ WARMUP_SHAPE = (2, 64, 64)
 # --------------------------------------------------------------------------- setup (parent)
 
 
-def synthetic_ct(depth: int, size: int, seed: int = SEED) -> np.ndarray:
-    """CT-like int16 ``(depth, size, size)``: air around an elliptic body of soft tissue with a
-    fat rim, smooth organ-/lung-/bone-like blobs, Gaussian noise; values clipped to -1000..1000."""
+def synthetic_ct(depth: int, size: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """CT-like int16 ``(depth, size, size)`` and its uint8 labels (0 background, 1 organ, 2 tumour).
+
+    Air around an elliptic body of soft tissue (40 HU) with a fat rim (-100 HU); an "organ" (a
+    smooth blob at +60 HU, label 1 where its profile exceeds 1/2) holding a hypodense "tumour"
+    (-80 HU against the organ, label 2 where its profile exceeds 1/2); lung-, bone- and
+    soft-tissue-like smooth blobs beside the organ as distractors; Gaussian noise of 20 HU; values
+    clipped to -1000..1000.
+    """
     rng = np.random.default_rng(seed)
     z = np.linspace(-1.0, 1.0, depth, dtype=np.float32)[:, None, None]
     y = np.linspace(-1.0, 1.0, size, dtype=np.float32)[None, :, None]
     x = np.linspace(-1.0, 1.0, size, dtype=np.float32)[None, None, :]
     body = (x / 0.85) ** 2 + (y / 0.65) ** 2  # (1, size, size), same body on every slice
-    hu = np.where(body < 1.0, np.float32(40.0), np.float32(-1000.0))
-    hu = hu + np.where((body > 0.8) & (body < 1.0), np.float32(-140.0), np.float32(0.0))  # fat rim
+    inside = body < 1.0
+    hu = np.where(inside, np.float32(40.0), np.float32(-1000.0))
+    hu = hu + np.where((body > 0.8) & inside, np.float32(-140.0), np.float32(0.0))  # fat rim
     hu = np.broadcast_to(hu, (depth, size, size)).astype(np.float32)
-    blobs = [  # (HU offset, radius) of smooth blobs inside the body
-        (-800.0, 0.30), (-800.0, 0.30), (650.0, 0.10), (25.0, 0.25),
-        (-30.0, 0.12), (60.0, 0.18), (15.0, 0.08), (900.0, 0.06),
-    ]
-    for offset, radius in blobs:
-        cz, cy, cx = rng.uniform(-0.8, 0.8), rng.uniform(-0.45, 0.45), rng.uniform(-0.6, 0.6)
+
+    def blob(cz: float, cy: float, cx: float, radius: float) -> np.ndarray:
         r2 = ((z - cz) / 2.0) ** 2 + (y - cy) ** 2 + (x - cx) ** 2  # blobs are long along z
-        hu += np.float32(offset) * np.exp(-((r2 / radius**2) ** 2)) * (body < 1.0)
+        return np.exp(-((r2 / radius**2) ** 2)) * inside
+
+    cz, cy, cx = rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3)
+    organ = blob(cz, cy, cx, 0.42)
+    tz, ty, tx = cz + rng.uniform(-0.1, 0.1), cy + rng.uniform(-0.08, 0.08), cx + rng.uniform(-0.08, 0.08)
+    tumour = blob(tz, ty, tx, 0.14) * (organ > 0.5)
+    for offset, radius in ((-800.0, 0.30), (-800.0, 0.30), (650.0, 0.10), (-30.0, 0.12), (900.0, 0.06)):
+        centre = rng.uniform(-0.8, 0.8), rng.uniform(-0.45, 0.45), rng.uniform(-0.6, 0.6)
+        hu += np.float32(offset) * blob(*centre, radius) * np.clip(1.0 - 2.0 * organ, 0.0, 1.0)  # never inside it
+    hu += np.float32(60.0) * organ - np.float32(80.0) * tumour
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[organ > 0.5] = 1
+    labels[tumour > 0.5] = 2
     hu += rng.normal(0.0, 20.0, size=hu.shape).astype(np.float32)
-    return np.clip(np.rint(hu), -1000, 1000).astype(np.int16)
+    return np.clip(np.rint(hu), -1000, 1000).astype(np.int16), labels
 
 
 def window_tensor(hu: np.ndarray) -> torch.Tensor:
@@ -127,24 +151,72 @@ def balance_head(model: torch.nn.Module, image: np.ndarray, patch: tuple[int, ..
     model.head.bias -= logits.median(dim=1).values
 
 
+SPACING = (3.0, 0.8, 0.8)  # mm (z, y, x)
+TRAIN_CASES, TRAIN_SLICES = 3, 16  # synthetic training volumes for --weights trained (other seeds)
+
+
+def train_checkpoint(args: argparse.Namespace, workdir: Path) -> dict:
+    """Train the benchmark's ResUNet with `resunet.train.fit` on ``TRAIN_CASES`` synthetic volumes
+    of ``TRAIN_SLICES`` x size x size (seeds other than the benchmark volume's), written in the
+    nnU-Net raw layout; no augmentation, no validation. Returns the trained checkpoint dict."""
+    from resunet.data.augment import AugmentConfig
+    from resunet.data.io import write_volume
+    from resunet.data.volume import Volume
+    from resunet.train.checkpoint import load_checkpoint
+    from resunet.train.config import config_from_dict
+    from resunet.train.trainer import fit
+
+    data = workdir / "train_data"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(TRAIN_CASES):
+        hu, labels = synthetic_ct(TRAIN_SLICES, args.size, seed=SEED + 100 + i)
+        write_volume(Volume(hu, SPACING, (0.0, 0.0, 0.0), np.eye(3)), data / "imagesTr" / f"synth{i}_0000.nii.gz")
+        write_volume(Volume(labels, SPACING, (0.0, 0.0, 0.0), np.eye(3)), data / "labelsTr" / f"synth{i}.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": TRAIN_CASES, "file_ending": ".nii.gz",
+    }))
+    patch, batch = ([128, 128], 8) if args.mode == "2d" else ([16, 96, 96], 2)
+    config = config_from_dict({
+        "data": {"dataset": str(data), "cache_dir": str(workdir / "train_cache"), "val_cases": [],
+                 "val_fraction": 0.0, "mode": args.mode, "context": 0, "foreground_fraction": 0.5,
+                 "preprocess": {"modality": "ct", "ct_window": CT_WINDOW, "crop_to_nonzero": False}},
+        "model": {"name": "resunet", "base_channels": args.base},
+        "loss": {"alpha": None},
+        "optimizer": {"name": "adamw", "lr": 2e-3},
+        "schedule": {"kind": "poly", "warmup_iterations": 10},
+        "stages": [{"patch_size": patch, "batch_size": batch, "epochs": args.train_epochs, "iterations_per_epoch": 20}],
+        "augment": AugmentConfig.disabled().model_dump(),
+        "seed": SEED, "device": "cpu", "output_dir": str(workdir / "train_run"),
+    }, "the benchmark's training configuration")
+    fit(config)
+    return load_checkpoint(workdir / "train_run" / "best.pt")
+
+
 def make_case(args: argparse.Namespace, workdir: Path) -> dict:
     from resunet.data.io import write_volume
     from resunet.data.volume import Volume
     from resunet.nets import build_model, count_parameters, model_config
     from resunet.train.checkpoint import save_checkpoint
 
-    spacing = (3.0, 0.8, 0.8)
-    volume = synthetic_ct(args.depth_slices, args.size)
-    warmup = synthetic_ct(WARMUP_SHAPE[0], WARMUP_SHAPE[1], seed=SEED + 1)
+    volume, truth = synthetic_ct(args.depth_slices, args.size)
+    warmup, _ = synthetic_ct(WARMUP_SHAPE[0], WARMUP_SHAPE[1], seed=SEED + 1)
     for name, arr in (("input", volume), ("warmup", warmup)):
-        write_volume(Volume(arr, spacing, (0.0, 0.0, 0.0), np.eye(3)), workdir / f"{name}.nii.gz")
+        write_volume(Volume(arr, SPACING, (0.0, 0.0, 0.0), np.eye(3)), workdir / f"{name}.nii.gz")
 
     dims = 2 if args.mode == "2d" else 3
-    torch.manual_seed(SEED)
-    model = build_model("resunet", spatial_dims=dims, in_channels=1, out_channels=3, base_channels=args.base)
-    model.eval()
     patch = (args.roi, args.roi) if dims == 2 else (args.roi_depth, args.roi, args.roi)
-    balance_head(model, volume, patch)
+    t0 = time.perf_counter()
+    if args.weights == "trained":
+        payload = train_checkpoint(args, workdir)
+        cfg = dict(payload["model"])
+        model = build_model(cfg.pop("name"), **cfg)
+        model.load_state_dict(payload["state_dict"])
+    else:
+        torch.manual_seed(SEED)
+        model = build_model("resunet", spatial_dims=dims, in_channels=1, out_channels=3, base_channels=args.base)
+        model.eval()
+        balance_head(model, volume, patch)
     save_checkpoint(
         workdir / "model.pt",
         {
@@ -152,6 +224,7 @@ def make_case(args: argparse.Namespace, workdir: Path) -> dict:
             "model": model_config(model),
             "preprocess": {"modality": "ct", "ct_window": CT_WINDOW, "crop_to_nonzero": False},
             "labels": LABELS,
+            # 3-D: both sides slide the same window; 2-D: ours runs whole slices whatever this says
             "inference": {"mode": args.mode, "context": 0, "patch_size": list(patch)},
         },
     )
@@ -159,6 +232,8 @@ def make_case(args: argparse.Namespace, workdir: Path) -> dict:
         "params_m": count_parameters(model) / 1e6,
         "input_mb": (workdir / "input.nii.gz").stat().st_size / 2**20,
         "hu_range": (int(volume.min()), int(volume.max())),
+        "truth": truth,
+        "train_s": time.perf_counter() - t0,
     }
 
 
@@ -344,6 +419,9 @@ def main() -> None:
     ap.add_argument("--roi", type=int, default=256, help="in-plane window: MONAI SliceInferer (2d), both sides (3d)")
     ap.add_argument("--roi-depth", type=int, default=32, help="window depth in 3d mode (multiple of 16)")
     ap.add_argument("--backend", default="auto", help="ours: predictor backend (auto = what resunet predict uses)")
+    ap.add_argument("--weights", choices=("trained", "random"), default="trained",
+                    help="trained: fit on synthetic cases first (realistic logits); random: seeded init")
+    ap.add_argument("--train-epochs", type=int, default=8, help="--weights trained: epochs of 20 iterations")
     ap.add_argument("--sides", default="ours,monai", help="which sides to run (e.g. 'ours' for a memory check)")
     ap.add_argument("--child", choices=("ours", "monai"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -365,10 +443,15 @@ def main() -> None:
         info = make_case(args, workdir)
         n, s = args.depth_slices, args.size
         dims = 2 if args.mode == "2d" else 3
+        weights_text = (
+            f"trained by resunet.train.fit on {TRAIN_CASES} synthetic {TRAIN_SLICES}x{s}x{s} volumes of other "
+            f"seeds ({args.train_epochs} x 20 iterations, {info['train_s']:.0f} s, not timed)"
+            if args.weights == "trained" else "random seeded weights (head bias balanced)"
+        )
         print(
             f"volume {n}x{s}x{s} int16 HU {info['hu_range'][0]}..{info['hu_range'][1]} "
             f"({info['input_mb']:.1f} MiB .nii.gz); resunet {dims}-D base {args.base} "
-            f"({info['params_m']:.2f} M params), 3 classes, random seeded weights; fp32, "
+            f"({info['params_m']:.2f} M params), 3 classes, {weights_text}; fp32, "
             f"torch.set_num_threads({os.cpu_count()}) on both sides; median of {args.repeats} "
             f"after 1 warm-up on {'x'.join(map(str, WARMUP_SHAPE))}"
         )
@@ -437,7 +520,16 @@ def main() -> None:
     mean = statistics.mean(d for *_, d in rows)
     equal = float((masks["ours"] == masks["monai"]).mean())
     print(f"{'mean':8s} {'':7s} {'':8s} {mean:7.4f} {1 - mean:9.2e}   (voxels with equal labels: {100 * equal:.3f} %)")
-    print("  (random weights: Dice measures agreement of the two pipelines, not segmentation quality)")
+    if args.weights == "random":
+        print("  (random weights: Dice measures agreement of the two pipelines, not segmentation quality)")
+        return
+    # the synthetic volume's own labels, in the written masks' (X, Y, Z) order
+    truth = info["truth"].transpose(2, 1, 0)
+    print()
+    print("segmentation quality, Dice against the synthetic volume's labels:")
+    print(f"{'class':8s} {'ours':>7s} {'monai':>7s}")
+    for (name, *_, d_ours), (*_, d_monai) in zip(dice_table(masks["ours"], truth), dice_table(masks["monai"], truth)):
+        print(f"{name:8s} {d_ours:7.4f} {d_monai:7.4f}")
 
 
 if __name__ == "__main__":

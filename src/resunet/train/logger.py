@@ -64,9 +64,13 @@ class RunLogger:
             if pts:
                 ax_dice.plot(*zip(*pts), "o-", label=name)
         ax_dice.set_xlabel("epoch")
-        ax_dice.set_ylabel("validation Dice")
-        if ax_dice.get_lines():  # no validation yet: no legend (matplotlib warns on an empty one)
+        if ax_dice.get_lines():
+            ax_dice.set_ylabel("validation Dice")
             ax_dice.legend()
+        else:  # a run without validation cases (or none validated yet): its LR schedule instead
+            ax_dice.plot(epochs, [r["lr"] for r in self.rows], label="learning rate")
+            ax_dice.set_ylabel("learning rate at the end of the epoch")
+            ax_dice.set_title("no validation yet", fontsize=9)
         ax_dice.grid(alpha=0.3)
         fig.tight_layout()
         with atomic_write(self.run_dir / "curves.png") as tmp:
