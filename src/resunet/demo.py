@@ -297,6 +297,7 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
     """
     from resunet.infer.predictor import Predictor
     from resunet.report.overlays import best_slice, save_overlay
+    from resunet.train.config import load_config
     from resunet.train.trainer import fit
 
     t0 = time.perf_counter()
@@ -305,9 +306,13 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
     dataset = prepare_dataset(out / "dataset")
     console.print(f"dataset: {dataset} (nnU-Net layout, {len(_case_ids(dataset / 'imagesTr'))} training slabs, "
                   f"{len(TEST_SLABS)} held out)")
-    config = demo_config(dataset, out, minutes)
-    run_dir = Path(config.output_dir)
+    run_dir = out / "run"
     resume = (run_dir / "last.pt").exists()
+    if resume:  # an interrupted demo continues with its own plan, not one re-timed now
+        config = load_config(run_dir / "config.yaml")
+        console.print(f"continuing {run_dir} ({config.total_epochs} epochs planned)")
+    else:
+        config = demo_config(dataset, out, minutes)
     result = fit(config, resume=resume)
 
     predictor = Predictor.from_file(run_dir / "best.pt", batch_size=8, tta=True)  # flip TTA: +0.002 Dice, ~10 s
