@@ -30,6 +30,16 @@ CLI_PLAN = {**PLAN, "stages": [{**stage, "iterations_per_epoch": 10 * stage["ite
                                for stage in PLAN["stages"]]}
 
 
+@pytest.fixture(autouse=True)
+def sigint_delivered():
+    """A shell starts background jobs with SIGINT ignored, and `StopRequest` keeps an ignored signal
+    ignored (tested below). These tests need SIGINT delivered, here and in the child processes
+    (which inherit an ignored SIGINT, but not a Python handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
