@@ -21,10 +21,10 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 def test_plan_fits_the_budget_and_is_clamped():
-    # 0.65 s per step: 40 x 0.65 x 1.15 = 29.9 s per epoch; 0.9 x 480 s / 29.9 s = 14.4 -> 14
-    assert plan_epochs(0.65, 8.0) == 14
-    assert plan_epochs(0.65, 16.0) == 28
-    assert plan_epochs(0.26, 8.0) == MAX_EPOCHS  # this box: 0.9 x 480 / 11.96 = 36 -> capped
+    # 0.65 s per step: 40 x 0.65 x 1.15 = 29.9 s per epoch; 480 s / 29.9 s = 16.05 -> 16
+    assert plan_epochs(0.65, 8.0) == 16
+    assert plan_epochs(0.65, 14.0) == 28
+    assert plan_epochs(0.26, 8.0) == MAX_EPOCHS  # this box: 480 / 11.96 = 40 -> capped
     assert plan_epochs(5.0, 8.0) == MIN_EPOCHS  # a very slow machine still trains a little
     # more time never plans fewer epochs
     plans = [plan_epochs(0.5, m) for m in np.linspace(1, 30, 59)]
@@ -46,7 +46,7 @@ def test_threshold_rule_recovers_known_thresholds():
 def test_demo_config_trains_every_training_slab_with_the_planned_epochs(small_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "seconds_per_iteration", lambda config: 0.65)
     config = demo_config(small_dataset, tmp_path, minutes=8.0)
-    assert config.stages[0].epochs == 14 and config.max_minutes == 8.0
+    assert config.stages[0].epochs == 16 and config.max_minutes == 8.0
     train, val = split_cases(find_dataset(small_dataset), config)
     assert val == [] and len(train) == len(list((small_dataset / "imagesTr").glob("*_0000.nii.gz")))
     # explicit epochs: no timing at all
