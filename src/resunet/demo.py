@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from resunet.data.io import read_volume, write_volume
 from resunet.data.volume import Volume
 from resunet.errors import InputError
 from resunet.metrics import dice
+
+if TYPE_CHECKING:
+    from resunet.train.config import TrainConfig
 
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 SLAB_THICKNESS = 20  # slices
@@ -182,7 +186,7 @@ def foreground_statistics(paths: list[Path]) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
-def seconds_per_iteration(config, repeats: int = 5, warmup: int = 2) -> float:
+def seconds_per_iteration(config: TrainConfig, repeats: int = 5, warmup: int = 2) -> float:
     """Wall time (s) of one training step of ``config``'s first stage on this machine: the fastest
     of ``repeats`` runs of the trainer's `train_step` (forward, loss, backward, optimiser) on a
     random batch of the stage's shape, after ``warmup`` steps. The fastest, not the median: noise
@@ -220,7 +224,7 @@ def plan_epochs(step_seconds: float, minutes: float, overhead: float = 0.15) -> 
     return max(MIN_EPOCHS, min(MAX_EPOCHS, int(minutes * 60.0 / epoch_seconds)))
 
 
-def demo_config(dataset: Path, out: Path, minutes: float, epochs: int | None = None):
+def demo_config(dataset: Path, out: Path, minutes: float, epochs: int | None = None) -> TrainConfig:
     """The demo's training run: 2.5-D ResUNet (3 slices in), one stage, MR augmentation on.
 
     One stage of 128 x 128 patches, batch 16, ``epochs`` epochs of 40 iterations down to LR 0
