@@ -193,16 +193,15 @@ def seconds_per_iteration(config: TrainConfig, repeats: int = 5, warmup: int = 2
     (a process finishing its writes, first-call set-up) only ever adds time, and a median of three
     once read 0.35 s on a box whose epochs then ran at 0.32 s per iteration. Sampling,
     augmentation and validation are not included."""
-    from resunet.losses import DiceFocalLoss
     from resunet.nets import build_model
     from resunet.train.steps import train_step
+    from resunet.train.trainer import make_loss, make_optimizer
 
     stage = config.stages[0]
     channels = 2 * config.data.context + 1
     model = build_model(config.model.name, spatial_dims=2, in_channels=channels, out_channels=len(LABELS),
                         base_channels=config.model.base_channels, depth=config.model.depth)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss = DiceFocalLoss(config.loss.dice_weight, config.loss.focal_weight, config.loss.alpha, config.loss.gamma)
+    optimizer, loss = make_optimizer(model, config), make_loss(config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(stage.batch_size, channels, *stage.patch_size, generator=g)

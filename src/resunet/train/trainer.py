@@ -208,13 +208,10 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
         if dist_info.is_main:
             console.print(f"init from {config.init_from}: {report.summary()}")
 
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.stages))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    loss_fn = DiceFocalLoss(
-        config.loss.dice_weight, config.loss.focal_weight, config.loss.alpha, config.loss.gamma,
-        batch_dice=config.loss.batch_dice,
-    )
+    loss_fn = make_loss(config)
     logger = RunLogger(run_dir, class_names, enabled=dist_info.is_main)
 
     start_epoch, best, bad_validations = 0, None, 0
@@ -380,7 +377,14 @@ def _save_and_stop(stop: StopRequest, dist_info: DistInfo, run_dir: Path, epoch:
     )
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_loss(config: TrainConfig) -> DiceFocalLoss:
+    """The run's Dice + Focal loss as ``config.loss`` describes it."""
+    c = config.loss
+    return DiceFocalLoss(c.dice_weight, c.focal_weight, c.alpha, c.gamma, batch_dice=c.batch_dice)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser (AdamW, or SGD with Nesterov momentum) over ``model``'s parameters."""
     o = config.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
