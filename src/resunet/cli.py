@@ -138,8 +138,14 @@ def predict(
     backend: str = typer.Option(
         "auto", help="auto (fastest matching fp32 on this machine, cached), eager, channels_last, bf16, fp16, "
         "onnx (implied by a .onnx model), tensorrt (NVIDIA GPU)."),
+    png_visible: bool = typer.Option(
+        False, "--png-visible", help="PNG masks for the eye: 0/255 for a binary model (labels spread over "
+        "0..255 otherwise) instead of the label indices 0, 1, ..."),
 ) -> None:
-    """Segment images with a trained model; masks are written in the input's geometry."""
+    """Segment images with a trained model; masks are written in the input's geometry.
+
+    Pictures (PNG, JPEG, RGB or grey) give PNG masks of the same size and name.
+    """
     from resunet.infer.run import predict_inputs
     from resunet.infer.predictor import PostprocessConfig, Predictor
 
@@ -158,7 +164,7 @@ def predict(
         model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
         postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
     )
-    written, failed = predict_inputs(predictor, input, output)
+    written, failed = predict_inputs(predictor, input, output, png_visible=png_visible)
     console.print(f"{len(written)} case(s) written to {output}")
     if predictor.backend_choice is not None:
         console.print(predictor.backend_choice.summary(), soft_wrap=True)
@@ -174,7 +180,9 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the CSVs (default: --pred)."),
     labels: Optional[Path] = typer.Option(None, help="dataset.json holding the label names (default: values found)."),
     tolerance_mm: float = typer.Option(1.0, "--tolerance", help="Surface Dice / boundary F1 tolerance in mm."),
-    images: Optional[Path] = typer.Option(None, help="Folder of the images: adds worst/median/best overlays to report.md."),
+    images: Optional[Path] = typer.Option(
+        None, help="Folder of the images (NIfTI, PNG, JPEG; RGB pictures shown in colour): adds "
+        "worst/median/best overlays to report.md."),
 ) -> None:
     """Dice, IoU, sensitivity, specificity, precision, HD95, ASSD, surface Dice, boundary F1 per case and class."""
     import json

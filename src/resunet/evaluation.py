@@ -23,18 +23,22 @@ from resunet.errors import InputError
 from resunet.metrics import METRIC_NAMES, compute_all
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".mha", ".nrrd", ".npz")
+#: files ``evaluate --images`` shows under the overlays (pictures may be JPEG, grey or RGB)
+IMAGE_SUFFIXES = (*LABEL_SUFFIXES, ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def case_files(folder: Path) -> dict[str, Path]:
-    """``{case id: path}`` of every label file in ``folder`` (``_0000`` channel suffix dropped)."""
+def case_files(folder: Path, suffixes: Sequence[str] = LABEL_SUFFIXES) -> dict[str, Path]:
+    """``{case id: path}`` of every file in ``folder`` ending in one of ``suffixes`` (label files by
+    default; ``_0000`` channel suffix dropped)."""
     folder = Path(folder)
+    what = "label files" if tuple(suffixes) == LABEL_SUFFIXES else "images"
     if not folder.is_dir():
         raise InputError(
-            f"{folder} is not a folder of label files; pass the folder holding them ({', '.join(LABEL_SUFFIXES)})"
+            f"{folder} is not a folder of {what}; pass the folder holding them ({', '.join(suffixes)})"
         )
     out = {}
     for p in sorted(folder.iterdir()):
-        suffix = next((s for s in LABEL_SUFFIXES if p.name.lower().endswith(s)), None)
+        suffix = next((s for s in suffixes if p.name.lower().endswith(s)), None)
         if suffix and p.is_file():
             out[re.sub(r"_\d{4}$", "", p.name[: -len(suffix)])] = p
     return out

@@ -12,7 +12,8 @@ Three layouts are recognised by `find_dataset`:
     ...}``, ``training: [{"image": ..., "label": ...}]`` and ``test: [...]``. One image file holds
     every channel (4-D NIfTI, channels on the last axis), so `Case.images` has one path.
 ``images_masks`` (Kvasir-SEG style)
-    ``images/`` and ``masks/`` folders of 2-D pictures (PNG, JPEG, BMP, TIFF) paired by file stem.
+    ``images/`` and ``masks/`` folders of 2-D pictures (PNG, JPEG, BMP, TIFF) paired by file stem;
+    an RGB(A) picture is 3 channels R, G, B, a grey one 1 (the rule of `resunet.data.channels`).
     Labels are ``{"background": 0, "foreground": 1}`` unless an optional ``dataset.json`` holds
     ``labels``. Mask rule (`read_label`): JPEG masks (lossy, typically 0/255 with compression
     noise) are binarised at ``> 127`` after taking the maximum over colour channels; PNG/BMP/TIFF
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from resunet.data.channels import CHANNEL_FILE, channel_names, file_channels, split_channels
 from resunet.data.io import ImageHeader, read_header, read_volume
 from resunet.data.volume import Volume
 from resunet.errors import InputError
@@ -54,7 +56,6 @@ __all__ = [
 LAYOUTS = ("nnunet", "msd", "images_masks")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _LOSSY_SUFFIXES = (".jpg", ".jpeg")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _GEOMETRY_RTOL = 1e-5
 _GEOMETRY_ATOL = 1e-4  # mm (and direction cosines)
 
@@ -216,7 +217,7 @@ def _nnunet_cases(
                 "rename it or fix file_ending"
             )
             continue
-        m = _CHANNEL_RE.match(stem)
+        m = CHANNEL_FILE.match(stem)
         if m is None:
             problems.append(
                 f"{_rel(p, root)}: name must be CASE_XXXX{ending} (XXXX = 4-digit channel index, "
@@ -237,7 +238,8 @@ def _nnunet_cases(
 def _files_per_case(cases: dict[str, dict[int, Path]], n_channels: int) -> int:
     """Files per case: one per channel, except that one picture may hold all of them.
 
-    nnU-Net's natural-image reader takes an RGB ``CASE_0000.png`` as channels R, G, B.
+    nnU-Net's natural-image reader takes an RGB ``CASE_0000.png`` as channels R, G, B (the rule
+    of `resunet.data.channels`).
     """
     first = next((chans[0] for chans in cases.values() if 0 in chans), None)
     if first is None or n_channels <= 1 or first.suffix.lower() not in PICTURE_SUFFIXES:
@@ -245,7 +247,7 @@ def _files_per_case(cases: dict[str, dict[int, Path]], n_channels: int) -> int:
     if any(len(chans) > 1 for chans in cases.values()):
         return n_channels
     try:
-        k = read_header(first).num_channels
+        k = file_channels(first)
     except InputError:
         return n_channels
     return n_channels // k if k > 1 and n_channels % k == 0 else n_channels
@@ -394,11 +396,11 @@ def _find_msd(root: Path, js: Path, data: dict[str, Any]) -> DatasetInfo:
 
 
 def _picture_channels(path: Path) -> list[str]:
+    """Channel names of an images/masks dataset from its first picture: ``gray`` or ``R, G, B``."""
     try:
-        header = read_header(path)
+        return channel_names(file_channels(path))
     except InputError:
         return ["gray"]
-    return ["R", "G", "B"] if header.num_channels == 3 else ["gray"]
 
 
 def _find_images_masks(root: Path, data: dict[str, Any] | None, js: Path | None) -> DatasetInfo:
@@ -524,6 +526,7 @@ def validate_dataset(
     problems = list(info.problems)
     root = info.root
     allowed = set(info.labels.values())
+    with_alpha: list[Path] = []
     for split, cases in (("training", info.training), ("test", info.test)):
         for case in cases:
             headers: list[ImageHeader] = []
@@ -533,6 +536,8 @@ def validate_dataset(
                 h = _header_or_problem(path, what, case, root, problems)
                 if h is not None:
                     headers.append(h)
+                    if h.alpha:
+                        with_alpha.append(path)
             label_header = None
             if split == "training":
                 if case.label is None:
@@ -584,6 +589,12 @@ def validate_dataset(
                             f"{extra} that are not in the dataset labels {info.labels}; fix the "
                             "label or add them to dataset.json"
                         )
+    if with_alpha:
+        warnings.warn(
+            f"{len(with_alpha)} image(s) of {root} have an alpha (transparency) channel, e.g. "
+            f"{_rel(with_alpha[0], root)}; it is dropped: the model sees their R, G, B (or grey) channels",
+            stacklevel=2,
+        )
     if not info.training:
         problems.append(f"{root}: no training case found")
     if problems:
@@ -639,15 +650,14 @@ def load_case(case: Case, info: DatasetInfo) -> tuple[Volume, Volume | None]:
     and ``meta`` of its first file.
     """
     vols = [read_volume(p) for p in case.images]
-    arrays = []
     for p, v in zip(case.images, vols):
         if not v.same_geometry(vols[0]):
             raise InputError(
                 f"case {case.case_id}: {p} and {case.images[0]} do not share one grid; resample "
                 "them"
             )
-        arrays.append(v.array if v.array.ndim > v.spatial_ndim else v.array[np.newaxis])
-    image = vols[0].with_array(np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0])
+    channels = [c.array for v in vols for c in split_channels(v)]  # RGB picture: 3 channels
+    image = vols[0].with_array(np.stack(channels, axis=0))
     label = read_label(case.label, info) if case.label is not None else None
     if label is not None and label.shape != image.shape:
         raise InputError(

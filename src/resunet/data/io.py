@@ -9,7 +9,8 @@
   modalities on the 4th axis) become ``(C, D, H, W)``.
 - a folder, a ``.dcm`` file or any file with the ``DICM`` marker: `resunet.data.dicom`.
 - ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp`` (Pillow): grayscale -> ``(H, W)``; colour ->
-  ``(3, H, W)`` (RGB, channels first, alpha dropped); palette images keep their palette *indices*
+  ``(3, H, W)`` (RGB, channels first, alpha dropped and noted in ``meta["alpha_dropped"]``;
+  `resunet.data.channels` has the rule for a case's channels); palette images keep their palette *indices*
   (the label-mask convention of PASCAL VOC style masks); spacing ``(1, 1)`` (pixels).
 - ``.tif`` / ``.tiff`` (tifffile): 2-D -> ``(H, W)``; ``(H, W, 3|4)`` -> ``(3, H, W)``;
   other 3-D stacks -> ``(D, H, W)``; spacing 1.
@@ -425,12 +426,18 @@ def _picture_volume(array: np.ndarray, path: Path, fmt: str) -> Volume:
                       meta={"format": fmt, "path": str(path)})
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         rgb = np.ascontiguousarray(np.moveaxis(array[..., :3], -1, 0))
-        return Volume(rgb, (1.0, 1.0), (0.0, 0.0), np.eye(2), spatial_ndim=2,
-                      meta={"format": fmt, "path": str(path)})
+        meta: dict[str, Any] = {"format": fmt, "path": str(path)}
+        if array.shape[-1] == 4:
+            meta["alpha_dropped"] = True
+        return Volume(rgb, (1.0, 1.0), (0.0, 0.0), np.eye(2), spatial_ndim=2, meta=meta)
     if array.ndim == 3:
         return Volume(np.ascontiguousarray(array), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3),
                       spatial_ndim=3, meta={"format": fmt, "path": str(path)})
     raise InputError(f"{path}: image of shape {array.shape} is neither 2-D, RGB(A) nor a 3-D stack")
+
+
+#: picture modes whose alpha channel the reader drops (RGBA -> RGB, LA -> L)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La")
 
 
 def _read_pil(path: Path) -> Volume:
@@ -457,7 +464,10 @@ def _read_pil(path: Path) -> Volume:
             f"cannot read image {path}: {type(exc).__name__}: {exc}. The file is corrupt, "
             "truncated or not really a PNG/JPEG; re-export it"
         ) from exc
-    return _picture_volume(np.array(array), path, "png" if path.suffix.lower() == ".png" else "image")
+    volume = _picture_volume(np.array(array), path, "png" if path.suffix.lower() == ".png" else "image")
+    if mode in _ALPHA_MODES:
+        volume.meta["alpha_dropped"] = True  # `resunet.data.channels.split_channels` warns
+    return volume
 
 
 def _read_tiff(path: Path) -> Volume:
@@ -666,7 +676,8 @@ class ImageHeader:
     """Geometry of an image file without its pixels (same conventions as `Volume`).
 
     ``shape`` is the spatial shape in array order; ``num_channels`` counts the leading channel
-    axis (1 when there is none).
+    axis (1 when there is none); ``alpha`` is True for pictures whose alpha channel the reader
+    drops (RGBA counts 3 channels).
     """
 
     path: Path
@@ -677,6 +688,7 @@ class ImageHeader:
     spatial_ndim: int
     num_channels: int
     dtype: np.dtype
+    alpha: bool = False
 
     def index_to_world(self) -> np.ndarray:
         """Homogeneous index ``(z, y, x, 1)`` -> LPS mm matrix, as `Volume.index_to_world`."""
@@ -723,7 +735,8 @@ def read_header(path: str | os.PathLike[str]) -> ImageHeader:
             raise InputError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
         channels = 3 if mode in ("RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV") else 1
         dtype = np.dtype(np.uint16) if mode.startswith("I;16") else np.dtype(np.uint8)
-        return ImageHeader(path, (height, width), (1.0, 1.0), (0.0, 0.0), np.eye(2), 2, channels, dtype)
+        return ImageHeader(path, (height, width), (1.0, 1.0), (0.0, 0.0), np.eye(2), 2, channels, dtype,
+                           alpha=mode in _ALPHA_MODES)
     if kind == "numpy" and path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -751,4 +764,4 @@ def read_header(path: str | os.PathLike[str]) -> ImageHeader:
 
 def _header_of(vol: Volume, path: Path) -> ImageHeader:
     return ImageHeader(path, vol.shape, vol.spacing, vol.origin, vol.direction, vol.spatial_ndim,
-                       vol.num_channels, vol.array.dtype)
+                       vol.num_channels, vol.array.dtype, alpha=bool(vol.meta.get("alpha_dropped")))

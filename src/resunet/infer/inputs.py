@@ -2,21 +2,23 @@
 
 - a single image file (NIfTI, PNG/JPG, ...) -> one case;
 - a DICOM series folder -> one case; a folder of DICOM series folders -> one case per folder;
-- a folder of image files: nnU-Net naming ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` (channels)
-  groups files into cases; other names are one case per file.
+- a folder of image files: one case per file, or per group of nnU-Net channel files
+  ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... -- how a case's channels are found (an RGB
+  picture is 3 channels, a grey one 1) is the rule of `resunet.data.channels`.
+
+Picture inputs (PNG, JPEG, BMP, TIFF) get PNG masks named after the input (``a.jpg`` -> ``a.png``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from resunet.data.channels import CHANNEL_FILE, PICTURE_SUFFIXES, channel_mismatch, file_channels, group_case_files
 from resunet.data.io import file_kind
 from resunet.errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".mha", ".nrrd", ".npy", ".npz")
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass
@@ -37,6 +39,11 @@ def _split_suffix(path: Path) -> tuple[str, str]:
     return path.stem, path.suffix
 
 
+def _output_suffix(suffix: str) -> str:
+    """The mask's extension for an input extension: pictures get ``.png``, others keep theirs."""
+    return ".png" if suffix.lower() in PICTURE_SUFFIXES else suffix
+
+
 def _is_dicom_folder(folder: Path) -> bool:
     for p in folder.iterdir():
         if p.is_file():
@@ -49,7 +56,11 @@ def _is_dicom_folder(folder: Path) -> bool:
 
 
 def discover_inputs(path: Path, num_channels: int = 1) -> list[InputCase]:
-    """Cases under ``path`` (see the module docstring); `InputError` when there are none."""
+    """Cases under ``path`` for a model needing ``num_channels`` channels (see the module docstring).
+
+    `InputError` when there are none, or when a case does not fit the model (the message names
+    the file, what it holds and what the model needs).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(
@@ -60,41 +71,22 @@ def discover_inputs(path: Path, num_channels: int = 1) -> list[InputCase]:
         stem, suffix = _split_suffix(path)
         if kind == "dicom":
             return [InputCase(stem, [path], "dicom", ".dcm")]
-        m = _CHANNEL.match(stem)
-        if num_channels > 1:
-            if not m:
-                raise InputError(f"the model needs {num_channels} channels; name the files CASE_0000{suffix}, "
-                                 f"CASE_0001{suffix}, ... and pass the folder instead of {path}")
+        m = CHANNEL_FILE.match(stem)
+        held = file_channels(path)
+        if held == num_channels:  # the file holds the whole case (a grey or an RGB picture, a 4-D NIfTI)
+            case_id = m["case"] if m and (num_channels == 1 or m["channel"] == "0000") else stem
+            return [InputCase(case_id, [path], kind, _output_suffix(suffix))]
+        if m and held < num_channels:  # one channel file of a case: the case is its channel files
             return [c for c in discover_inputs(path.parent, num_channels) if c.case_id == m["case"]]
-        return [InputCase(m["case"] if m else stem, [path], kind, suffix)]
+        raise InputError(channel_mismatch([path], held, num_channels))
     if _is_dicom_folder(path):
         return [InputCase(path.name, [path], "dicom", ".dcm")]
     subdirs = sorted(p for p in path.iterdir() if p.is_dir() and _is_dicom_folder(p))
     files = sorted(p for p in path.iterdir() if p.is_file() and _split_suffix(p)[1].lower() in IMAGE_SUFFIXES)
     cases = [InputCase(d.name, [d], "dicom", ".dcm") for d in subdirs]
-    groups: dict[str, dict[int, Path]] = {}
-    singles = []
-    for f in files:
-        stem, suffix = _split_suffix(f)
-        m = _CHANNEL.match(stem)
-        if m:
-            groups.setdefault(m["case"], {})[int(m["channel"])] = f
-        else:
-            singles.append(f)
-    problems = []
-    for case, channels in sorted(groups.items()):
-        expected = list(range(num_channels))
-        if sorted(channels) != expected:
-            problems.append(f"{case}: channels {sorted(channels)} found, the model needs {expected}")
-            continue
-        first = channels[0]
-        cases.append(InputCase(case, [channels[i] for i in expected], file_kind(first), _split_suffix(first)[1]))
-    for f in singles:
-        if num_channels > 1:
-            problems.append(f"{f.name}: the model needs {num_channels} channels named CASE_0000.., CASE_0001..")
-            continue
-        stem, suffix = _split_suffix(f)
-        cases.append(InputCase(stem, [f], file_kind(f), suffix))
+    grouped, problems = group_case_files([(_split_suffix(f)[0], f) for f in files], num_channels)
+    for case_id, paths in grouped:
+        cases.append(InputCase(case_id, paths, file_kind(paths[0]), _output_suffix(_split_suffix(paths[0])[1])))
     if problems:
         raise InputError(f"input folder {path} has cases that do not fit the model:\n  " + "\n  ".join(problems))
     if not cases:

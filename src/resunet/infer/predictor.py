@@ -235,10 +235,15 @@ class Predictor:
         return results  # type: ignore[return-value]
 
     def prepare(self, images: Sequence[Volume]) -> PreprocessedCase:
-        """Check the channel count and apply the training preprocessing."""
-        if len(images) != self.num_input_channels:
+        """Check the channel count and apply the training preprocessing.
+
+        ``images``: the case's volumes, ``(*S)`` or ``(C, *S)`` each; their channels add up (an RGB
+        picture read as ``(3, H, W)`` is 3 channels, the rule of `resunet.data.channels`).
+        """
+        count = sum(v.num_channels for v in images)
+        if count != self.num_input_channels:
             raise ModelError(
-                f"the model expects {self.num_input_channels} image channel(s) per case, got {len(images)}"
+                f"the model expects {self.num_input_channels} image channel(s) per case, got {count}"
             )
         return preprocess_case(list(images), None, self.preprocess)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from resunet.data.io import make_folder, read_volume, write_volume
+from resunet.data.channels import read_case
+from resunet.data.io import make_folder, write_volume
 from resunet.errors import ResunetError
 from resunet.data.preprocess import PreprocessedCase
 from resunet.data.volume import Volume
@@ -23,11 +25,26 @@ def output_path(output: Path, case_id: str, suffix: str, single: bool) -> Path:
     return output / f"{case_id}{suffix}"
 
 
-def predict_inputs(predictor: Predictor, input_path: Path, output: Path) -> tuple[list[Path], dict[str, str]]:
+def visible_mask(mask: Volume, top_label: int) -> Volume:
+    """A label map ``(*S)`` for the eye: label ``v`` -> ``v * (255 // top_label)``.
+
+    Binary models (``top_label`` 1): 0/1 -> 0/255; labels 0..2: 0, 127, 254.
+    """
+    if top_label < 1:
+        return mask
+    scale = 255 // top_label
+    return mask.with_array((np.asarray(mask.array).astype(np.uint16) * scale).astype(np.uint8))
+
+
+def predict_inputs(
+    predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False
+) -> tuple[list[Path], dict[str, str]]:
     """Predict all cases of ``input_path``; return the written paths and ``{case: error}`` of failures.
 
     Reading and preprocessing of the next case run in a background thread while the model works
-    on the current one (at most two cases in memory).
+    on the current one (at most two cases in memory). A case's channels are read by the rule of
+    `resunet.data.channels` (an RGB picture is 3 channels). ``png_visible``: PNG masks hold 0/255
+    (binary models) instead of the label indices 0/1, so that an image viewer shows them.
     """
     cases = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
@@ -40,7 +57,7 @@ def predict_inputs(predictor: Predictor, input_path: Path, output: Path) -> tupl
                TextColumn("{task.fields[case]}"))
 
     def load(case: InputCase) -> tuple[list[Volume], PreprocessedCase]:
-        images = [read_volume(p) for p in case.paths]
+        images = read_case(case.paths, predictor.num_input_channels)
         return images, predictor.prepare(images)
 
     with Progress(*columns, console=Console(stderr=True)) as bar, ThreadPoolExecutor(1) as pool:
@@ -59,6 +76,8 @@ def predict_inputs(predictor: Predictor, input_path: Path, output: Path) -> tupl
 
                     written.append(write_dicom_seg(mask, images[0], predictor.labels, target))
                 else:
+                    if png_visible and target.suffix.lower() == ".png":
+                        mask = visible_mask(mask, max(predictor.labels.values(), default=1))
                     written.append(write_volume(mask, target))
             except ResunetError as err:
                 failed[case.case_id] = str(err)

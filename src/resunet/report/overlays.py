@@ -18,6 +18,13 @@ def best_slice(labels: np.ndarray) -> int:
     return int(np.argmax(counts)) if counts.any() else labels.shape[0] // 2
 
 
+def _unit_range(image: np.ndarray) -> np.ndarray:
+    """``image`` scaled to 0..1 (float) over its finite range."""
+    data = np.asarray(image, dtype=np.float64)
+    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    return np.clip((data - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(data)
+
+
 def save_overlay(
     path: Path,
     image: np.ndarray,
@@ -26,9 +33,11 @@ def save_overlay(
     title: str = "",
     aspect: float = 1.0,
 ) -> Path:
-    """Write ``image`` ``(H, W)`` with contours of every class of ``pred`` (red) and ``gt`` (green).
+    """Write ``image`` with contours of every class of ``pred`` (red) and ``gt`` (green).
 
-    ``aspect`` is the pixel height / width ratio in mm, so anisotropic slices look right.
+    ``image``: a grey slice ``(H, W)`` (contrast from its 0.5 / 99.5 percentiles) or an RGB picture
+    ``(H, W, 3)`` (uint8 shown as is, other types scaled to their range). ``aspect`` is the pixel
+    height / width ratio in mm, so anisotropic slices look right.
     """
     import matplotlib
 
@@ -36,8 +45,12 @@ def save_overlay(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / max(1, image.shape[1]) * aspect))
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+    if image.ndim == 3:  # RGB
+        shown = image if image.dtype == np.uint8 else _unit_range(image)
+        ax.imshow(shown, aspect=aspect, interpolation="nearest")
+    else:
+        lo, hi = np.percentile(image, [0.5, 99.5])
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
     for labels, color in ((gt, GT_COLOR), (pred, PRED_COLOR)):
         if labels is None:
             continue

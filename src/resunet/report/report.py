@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from resunet.data.io import atomic_write, read_volume
-from resunet.evaluation import Evaluation, case_files, summary_markdown
+from resunet.evaluation import IMAGE_SUFFIXES, Evaluation, case_files, summary_markdown
 from resunet.report.overlays import best_slice, save_overlay
 
 
@@ -37,15 +37,18 @@ def write_report(evaluation: Evaluation, pred_dir: Path, gt_dir: Path, images_di
         lines += [f"- failed: {c}: {why}" for c, why in evaluation.failed.items()]
         lines.append("")
     if images_dir is not None and picks:
-        images = case_files(Path(images_dir))
+        images = case_files(Path(images_dir), IMAGE_SUFFIXES)
         preds, gts = case_files(pred_dir), case_files(gt_dir)
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
         lines += ["## Worst, median and best cases", "", "Green: ground truth; red: prediction.", ""]
         for tag, case, score in picks:
             if case not in images:
                 continue
-            image, pred, gt = (read_volume(p).array for p in (images[case], preds[case], gts[case]))
-            if image.ndim == pred.ndim + 1:  # channels first: show channel 0
+            source = read_volume(images[case])
+            image, pred, gt = source.array, read_volume(preds[case]).array, read_volume(gts[case]).array
+            if source.spatial_ndim == 2 and source.num_channels == 3:  # RGB picture: (3, H, W) -> (H, W, 3)
+                image = np.moveaxis(image, 0, -1)
+            elif image.ndim == pred.ndim + 1:  # channels first: show channel 0
                 image = image[0]
             if pred.ndim == 2:
                 image, pred, gt = image[None], pred[None], gt[None]

@@ -280,7 +280,12 @@ async def _receive_upload(request: Any, folder: Path, limit: int) -> tuple[str, 
 
 
 def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volume]:
-    """Read the upload and split it into the ``channels`` single-channel images a case needs."""
+    """Read the upload and split it into the ``channels`` single-channel images ``(*S)`` a case needs.
+
+    One file holds the whole case (`resunet.data.channels`): an RGB (or RGBA, alpha dropped) PNG
+    is 3 channels, a grey PNG 1, a 4-D NIfTI its last axis.
+    """
+    from resunet.data.channels import check_channels, split_channels
     from resunet.data.io import read_header, read_volume
 
     if path.stat().st_size == 0:
@@ -305,13 +310,13 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
         raise _Reject(400, f"{filename} holds no voxels (shape {volume.array.shape})")
     if mode == "3d" and volume.spatial_ndim != 3:
         raise _Reject(400, f"this is a 3-D model; {filename} is a 2-D image -- send a 3-D volume (.nii/.nii.gz)")
-    if volume.num_channels != channels:
-        raise _Reject(400, f"the model expects {channels} image channel(s) per case; {filename} has "
-                           f"{volume.num_channels}" + (" (an RGB picture? send a grayscale image)" if
-                                                       volume.num_channels == 3 else ""))
-    if volume.array.ndim == volume.spatial_ndim:
-        return [volume]
-    return [volume.with_array(np.ascontiguousarray(volume.array[c])) for c in range(channels)]
+    try:  # the rule of resunet.data.channels: RGB = 3 channels, grey = 1
+        check_channels([Path(filename.replace("\\", "/")).name or filename], [volume.num_channels], channels)
+    except ResunetError as err:
+        raise _Reject(400, str(err)) from None
+    if volume.meta.pop("alpha_dropped", False):  # noted in the log, not as a warning per request
+        log.info("%s: its alpha (transparency) channel is dropped; the model sees the other channels", filename)
+    return split_channels(volume)
 
 
 def _encode_mask(mask: Volume, folder: Path, suffix: str) -> bytes:
