@@ -72,42 +72,113 @@ def models(
 
 
 @app.command()
+def plan(
+    dataset: Path = typer.Argument(..., help="nnU-Net / Decathlon / images+masks folder."),
+    minutes: float = typer.Option(10.0, help="Training budget in minutes (the whole `resunet train` run)."),
+    out: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the plan as YAML (for train --config)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="output_dir the plan writes into (default runs/NAME)."),
+) -> None:
+    """Fingerprint a dataset, time candidate networks here and print the training plan with reasons."""
+    from resunet.plan import plan_dataset
+
+    result = plan_dataset(dataset, minutes, output_dir=run_dir)
+    console.print(result.table())
+    if out is not None:
+        from resunet.data.io import atomic_write
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as tmp:
+            Path(tmp).write_text(result.to_yaml())
+        console.print(f"plan written to {out}; train it with: resunet train --config {out}")
+
+
+@app.command()
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file (see docs/config.md)."),
+    dataset_arg: Optional[Path] = typer.Argument(
+        None, metavar="[DATASET]", help="Dataset folder: plan for this machine and --minutes, then train."),
+    minutes: Optional[float] = typer.Option(None, help="Budget for planning + training a DATASET (default 10)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file (see docs/config.md); with DATASET it overrides the plan."),
     overrides: list[str] = typer.Option([], "--set", help="Override a key: --set stages.0.epochs=5 (repeatable)."),
-    dataset: Optional[Path] = typer.Option(None, help="Shortcut for --set data.dataset=..."),
+    dataset: Optional[Path] = typer.Option(None, help="Shortcut for --set data.dataset=... (no planning)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (output_dir)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16 on CPU, fp16 on GPU)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16 on CPU, fp16 on GPU); "
+                                       "a planned run measures and chooses."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Checkpoint to load matching weights from."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
 ) -> None:
-    """Train a model from a YAML config (and/or --set overrides); works under torchrun for DDP."""
+    """Train a model. `resunet train DATASET --minutes N` plans the whole run for this machine and
+    budget (see `resunet plan`); `--config` / `--set` train a YAML config (and override a plan).
+    Works under torchrun for DDP."""
+    import time
+
     from resunet.train.config import load_config, parse_overrides
     from resunet.train.signals import TrainingInterrupted
     from resunet.train.trainer import fit
 
+    started = time.perf_counter()
     if resume is not None:
         if not (resume / "last.pt").is_file():
             raise ResunetError(
                 f"{resume} holds no run to resume (no last.pt); pass the output folder of an earlier "
                 "`resunet train` (it holds config.yaml and last.pt)"
             )
+        if dataset_arg is not None:
+            raise ResunetError("--resume continues a run with its own saved plan; drop the DATASET argument")
         if config is None:
             config = resume / "config.yaml"
         overrides = [*overrides, f"output_dir={resume}"]
+    if minutes is not None and dataset_arg is None:
+        raise ResunetError("--minutes plans a run: give the DATASET folder as the first argument")
     tree = parse_overrides(overrides)
     for key, value in (("dataset", dataset), ("output_dir", out), ("amp", amp), ("init_from", init_from)):
         if value is not None:
             target = tree.setdefault("data", {}) if key == "dataset" else tree
             target[key] = str(value) if isinstance(value, Path) else value
-    cfg = load_config(config, tree)
+    if dataset_arg is not None:
+        cfg = _planned_config(dataset_arg, 10.0 if minutes is None else minutes, config, tree, out, started)
+    else:
+        cfg = load_config(config, tree)
     try:
         result = fit(cfg, resume=resume is not None)
     except TrainingInterrupted as stop:  # SIGINT / SIGTERM: last.pt written; say where and how to resume
         Console(stderr=True).print(str(stop), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_code) from None
     if os.environ.get("RANK", "0") == "0":
-        console.print(f"run folder: {result.run_dir} ({result.epochs_run} epochs, best val Dice {result.best_val_dice})")
+        minutes_taken = (time.perf_counter() - started) / 60
+        console.print(f"run folder: {result.run_dir} ({result.epochs_run} epochs, best val Dice "
+                      f"{result.best_val_dice}, {minutes_taken:.1f} min)")
+
+
+def _planned_config(dataset: Path, minutes: float, config: Optional[Path], tree: dict, out: Optional[Path],
+                    started: float):
+    """Plan ``dataset`` for ``minutes`` (rank 0 plans, every rank reads its YAML under torchrun),
+    apply the YAML ``config`` and ``--set`` ``tree`` on top, save the plan and fingerprint."""
+    import yaml
+
+    from resunet.plan import plan_dataset
+    from resunet.train.config import _merge, config_from_dict
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ResunetError("plan first (`resunet plan DATASET -o plan.yaml`), then torchrun ... train --config plan.yaml")
+    result = plan_dataset(dataset, minutes, output_dir=out, started=started)
+    console.print(result.table())
+    base = result.config.model_dump(mode="json")
+    if config is not None:
+        try:
+            extra = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ResunetError(f"cannot read --config {config}: {err}") from None
+        base = _merge(base, extra)
+    cfg = config_from_dict(_merge(base, tree), "the plan with --config / --set")
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from resunet.data.io import atomic_write
+
+    with atomic_write(run_dir / "fingerprint.json") as tmp:
+        Path(tmp).write_text(result.fingerprint.to_json())
+    with atomic_write(run_dir / "plan.yaml") as tmp:
+        Path(tmp).write_text(result.to_yaml())
+    return cfg
 
 
 @app.command()

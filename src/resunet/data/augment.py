@@ -36,7 +36,8 @@ Pipeline and defaults (:class:`AugmentConfig`, nnU-Net flavoured)
 -----------------------------------------------------------------
 Each transform is switched by ``enabled`` and applied to each sample independently with
 probability ``p``. Order: one spatial resampling (rotation, zoom, flips, elastic fused), then
-on the image only: bias field, brightness, contrast, gamma, Gaussian noise, Rician noise.
+on the image only: bias field, brightness, contrast, gamma, low resolution, blur, Gaussian
+noise, Rician noise.
 
 =============  =======  =====  ===================================================
 transform      enabled  p      parameters
@@ -51,7 +52,12 @@ contrast       yes      0.15   factor 0.75-1.25 about the mean, range preserved
 gamma          yes      0.3    gamma 0.9-1.1 on intensities rescaled to [0, 1]
 Gaussian noise yes      0.1    sigma 0-0.1 x each sample's intensity std
 Rician noise   no       0.1    sigma 0-0.05 x each sample's intensity std
+blur           no       0.2    Gaussian, sigma 0.5-1 px per axis (before the noise)
+low resolution no       0.25   nearest down-sampling to 0.5-1x per axis, linear back up
 =============  =======  =====  ===================================================
+
+Blur and low-resolution simulation run after gamma and before the noise (a scanner blurs, then
+adds noise); the planner switches them on. ``scale.per_axis`` makes the zoom anisotropic.
 
 Elastic deformation and the bias field are off by default: elastic is costly and rarely helps
 with enough data, the bias field only makes sense for MR magnitude images (as does Rician
@@ -68,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from resunet.data.resolution import gaussian_blur, simulate_low_resolution
 from resunet.errors import ConfigError, InputError
 
 __all__ = [
@@ -82,6 +89,8 @@ __all__ = [
     "GammaConfig",
     "NoiseConfig",
     "RicianNoiseConfig",
+    "BlurConfig",
+    "LowResConfig",
     "augment_config_from_dict",
     "augment_batch",
     "make_affine_matrices",
@@ -145,11 +154,14 @@ class RotationConfig(_Strict):
 
 
 class ScaleConfig(_Strict):
-    """Isotropic zoom about the image centre; a factor > 1 makes structures larger."""
+    """Zoom about the image centre; a factor > 1 makes structures larger. ``per_axis``: one
+    factor per spatial axis (anisotropic scaling, drawn independently from ``zoom``) instead of
+    one isotropic factor."""
 
     enabled: bool = True
     p: Probability = 0.2
     zoom: Range = (0.85, 1.25)
+    per_axis: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ScaleConfig:
@@ -271,6 +283,36 @@ class RicianNoiseConfig(NoiseConfig):
     sigma: Range = (0.0, 0.05)
 
 
+class BlurConfig(_Strict):
+    """Gaussian blur, ``sigma`` in pixels drawn per sample (and per axis with ``per_axis``)."""
+
+    enabled: bool = False
+    p: Probability = 0.2
+    sigma: Range = (0.5, 1.0)
+    per_axis: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> BlurConfig:
+        _non_negative(self.sigma, "blur.sigma")
+        return self
+
+
+class LowResConfig(_Strict):
+    """Low-resolution simulation: nearest down-sampling by ``zoom`` (per sample, and per axis with
+    ``per_axis``), then linear up-sampling back (`simulate_low_resolution`)."""
+
+    enabled: bool = False
+    p: Probability = 0.25
+    zoom: Range = (0.5, 1.0)
+    per_axis: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> LowResConfig:
+        if not 0.0 < self.zoom[0] <= self.zoom[1] <= 1.0:
+            raise ValueError(f"low_resolution.zoom {self.zoom} must lie in (0, 1]")
+        return self
+
+
 class AugmentConfig(_Strict):
     """All augmentation settings; every field has a default (see the module docstring).
 
@@ -292,6 +334,8 @@ class AugmentConfig(_Strict):
     gamma: GammaConfig = Field(default_factory=GammaConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     rician_noise: RicianNoiseConfig = Field(default_factory=RicianNoiseConfig)
+    blur: BlurConfig = Field(default_factory=BlurConfig)
+    low_resolution: LowResConfig = Field(default_factory=LowResConfig)
 
     @classmethod
     def disabled(cls) -> AugmentConfig:
@@ -313,6 +357,8 @@ _TRANSFORM_FIELDS = (
     "gamma",
     "noise",
     "rician_noise",
+    "blur",
+    "low_resolution",
 )
 
 
@@ -416,7 +462,8 @@ def make_affine_matrices(
     Args:
         angles_deg: ``(B,)`` (2-D: rotation in the ``(H, W)`` plane) or ``(B, 3)`` (3-D: angles
             AROUND the array axes ``D``, ``H``, ``W``), degrees.
-        zoom: ``(B,)`` isotropic zoom factors (> 1 enlarges structures).
+        zoom: ``(B,)`` isotropic zoom factors (> 1 enlarges structures), or ``(B, n)`` one
+            factor per spatial axis (anisotropic scaling).
         flips: ``(B, n)`` bool, ``True`` mirrors that spatial axis (array order). ``n`` (2 or 3)
             is taken from this shape.
         spacing: optional voxel spacing in array order (e.g. mm); if given, the rotation is a
@@ -454,8 +501,12 @@ def make_affine_matrices(
         # pixel matrix = D^-1 R D with D = diag(spacing); the diagonal stays exact (s/s == 1)
         rot = rot * (sp[None, None, :] / sp[None, :, None])
     sign = torch.where(flips, -1.0, 1.0).to(torch.float32)
-    z = _as_batch_vector(zoom, b, device)
-    lin = rot * sign[:, None, :] / z[:, None, None]
+    zt = torch.as_tensor(zoom, dtype=torch.float32, device=device)
+    if zt.ndim == 2:
+        lin = rot * (sign / zt)[:, None, :]
+    else:
+        z = _as_batch_vector(zoom, b, device)
+        lin = rot * sign[:, None, :] / z[:, None, None]
     return torch.cat([lin, torch.zeros(b, n, 1, dtype=torch.float32, device=device)], dim=2)
 
 
@@ -467,6 +518,7 @@ def random_affine_matrices(
     rotation_p: float = 0.2,
     zoom: tuple[float, float] = (0.85, 1.25),
     zoom_p: float = 0.2,
+    zoom_per_axis: bool = False,
     flip_axes: Sequence[int] | None = None,
     flip_p: float = 0.5,
     spacing: Sequence[float] | None = None,
@@ -498,8 +550,8 @@ def random_affine_matrices(
     angles = torch.where(rot_sel[:, None], angles, torch.zeros_like(angles))
 
     zoom_sel = _coin(generator, b, zoom_p, dev)
-    z = _uniform(generator, (b,), zoom[0], zoom[1], dev)
-    z = torch.where(zoom_sel, z, torch.ones_like(z))
+    z = _uniform(generator, (b, n) if zoom_per_axis else (b,), zoom[0], zoom[1], dev)
+    z = torch.where(zoom_sel[:, None] if zoom_per_axis else zoom_sel, z, torch.ones_like(z))
 
     axes = range(n) if flip_axes is None else flip_axes
     allowed = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -1118,7 +1170,7 @@ def augment_batch(
     matrices = random_affine_matrices(
         b, n,
         rotation_deg=rot_range, rotation_p=rc.p if rc.enabled else 0.0,
-        zoom=sc.zoom, zoom_p=sc.p if sc.enabled else 0.0,
+        zoom=sc.zoom, zoom_p=sc.p if sc.enabled else 0.0, zoom_per_axis=sc.per_axis,
         flip_axes=fc.axes, flip_p=fc.p if fc.enabled else 0.0,
         spacing=spacing, generator=generator, device=dev,
     )
@@ -1168,6 +1220,18 @@ def augment_batch(
     sel = _coin(generator, b, gm.p if gm.enabled else 0.0, dev)
     gam = _uniform(generator, (b,), gm.gamma[0], gm.gamma[1], dev)
     img = _on_subset(img, sel, lambda x, i: adjust_gamma(x, gam[i], retain_stats=gm.retain_stats))
+
+    # acquisition resolution (drawn only when enabled, so the draws of other settings are unchanged)
+    lr = cfg.low_resolution
+    if lr.enabled:
+        sel = _coin(generator, b, lr.p, dev)
+        zoom = _uniform(generator, (b, n) if lr.per_axis else (b,), lr.zoom[0], lr.zoom[1], dev)
+        img = _on_subset(img, sel, lambda x, i: simulate_low_resolution(x, zoom[i]))
+    bl = cfg.blur
+    if bl.enabled:
+        sel = _coin(generator, b, bl.p, dev)
+        bsig = _uniform(generator, (b, n) if bl.per_axis else (b,), bl.sigma[0], bl.sigma[1], dev)
+        img = _on_subset(img, sel, lambda x, i: gaussian_blur(x, bsig[i]))
 
     ns = cfg.noise
     sel = _coin(generator, b, ns.p if ns.enabled else 0.0, dev)

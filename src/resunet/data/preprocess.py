@@ -47,6 +47,7 @@ __all__ = [
     "resample_label",
     "resample_label_array",
     "resampled_shape",
+    "reorient_to_canonical",
     "restore_original_geometry",
     "uncrop",
     "window_ct",
@@ -465,8 +466,9 @@ class PreprocessConfig(BaseModel):
     #: intensity_std`` with dataset-wide statistics (nnU-Net's CT scheme; also right when every
     #: case comes from one calibrated scan, where per-case statistics would differ by content).
     normalization: Literal["auto", "ct_window", "zscore", "minmax", "fixed", "none"] = "auto"
-    intensity_mean: float = 0.0
-    intensity_std: float = Field(default=1.0, gt=0)
+    #: one value for every channel, or one per channel
+    intensity_mean: float | tuple[float, ...] = 0.0
+    intensity_std: float | tuple[float, ...] = 1.0
     #: a CT_WINDOW_PRESETS name, a fixed ``(width, level)`` in HU, or "dynamic" (per image:
     #: percentiles ``dynamic_percentiles`` of the voxels above ``dynamic_threshold_hu``).
     ct_window: str | tuple[float, float] = "abdomen"
@@ -483,6 +485,12 @@ class PreprocessConfig(BaseModel):
     label_resampling: Literal["nearest", "linear"] = "linear"
     crop_to_nonzero: bool = True
     crop_margin: int = Field(default=0, ge=0)
+    #: permute / flip the array axes first so that they run along the world axes in one convention
+    #: (`reorient_to_canonical`): a scan stored sagittally or flipped looks like the training scans.
+    reorient: bool = False
+    #: clip every channel to ``(low, high)`` (input units) before normalising (nnU-Net's CT scheme
+    #: clips to the 0.5 / 99.5 percentiles of the training foreground, then "fixed").
+    intensity_clip: tuple[float, float] | None = None
 
     @field_validator("ct_window")
     @classmethod
@@ -495,6 +503,14 @@ class PreprocessConfig(BaseModel):
                 )
         elif not value[0] > 0:
             raise ValueError(f"CT window width must be > 0, got {value[0]}")
+        return value
+
+    @field_validator("intensity_std")
+    @classmethod
+    def _check_std(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"intensity_std must be > 0, got {value}")
         return value
 
     @field_validator("dynamic_percentiles")
@@ -618,6 +634,8 @@ def _stack_images(images: Sequence[Volume]) -> Volume:
 
 def _normalise(image: np.ndarray, cfg: PreprocessConfig, spatial_ndim: int) -> np.ndarray:
     method = cfg.resolved_normalization
+    if cfg.intensity_clip is not None:
+        image = np.clip(image, *cfg.intensity_clip)
     if method == "none":
         return image.astype(np.float32, copy=False)
     out = np.empty(image.shape, dtype=np.float32)
@@ -629,7 +647,14 @@ def _normalise(image: np.ndarray, cfg: PreprocessConfig, spatial_ndim: int) -> n
             out[c] = zscore(image[c], mask)
         return out
     if method == "fixed":
-        return ((image - cfg.intensity_mean) / cfg.intensity_std).astype(np.float32)
+        c = image.shape[0]
+        for stat in (cfg.intensity_mean, cfg.intensity_std):
+            if isinstance(stat, tuple) and len(stat) not in (1, c):
+                raise InputError(f"the preprocessing has {len(stat)} channel statistics; the image has {c} channels")
+        mean = np.broadcast_to(np.asarray(cfg.intensity_mean, np.float32), (c,))
+        std = np.broadcast_to(np.asarray(cfg.intensity_std, np.float32), (c,))
+        shape = (c,) + (1,) * spatial_ndim
+        return ((image - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
     if method == "minmax":
         for c in range(image.shape[0]):
             out[c] = _minmax(image[c])
@@ -645,6 +670,72 @@ def _normalise(image: np.ndarray, cfg: PreprocessConfig, spatial_ndim: int) -> n
             width, level = cfg.ct_window
         out[c] = window_ct(image[c], width, level)
     return out
+
+
+def canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
+    """For a ``(3, 3)`` direction matrix (`Volume` convention): ``axes[t]`` = the array axis that
+    becomes axis ``t`` and ``flips[t]`` whether it is reversed, so that the new array axes
+    ``(0, 1, 2)`` increase towards LPS ``+z, +y, +x`` (superior, posterior, left), i.e. the new
+    direction matrix is the closest to the identity. Oblique axes
+    go to the world axis they are closest to (the assignment maximising the summed |cosines|)."""
+    import itertools
+
+    d = np.asarray(direction, dtype=np.float64)
+    n = d.shape[0]
+    vectors = [d[:, n - 1 - a] for a in range(n)]  # world vector of array axis a (ITK axis n-1-a)
+    best, best_score = None, -1.0
+    for perm in itertools.permutations(range(n)):  # perm[t] = old array axis for new axis t
+        score = sum(abs(vectors[perm[t]][n - 1 - t]) for t in range(n))
+        if score > best_score + 1e-9:
+            best, best_score = perm, score
+    axes = list(best)
+    flips = [bool(vectors[axes[t]][n - 1 - t] < 0) for t in range(n)]
+    return axes, flips
+
+
+def reorient_to_canonical(volume: Volume) -> tuple[Volume, list[int], list[bool]]:
+    """The same voxels with the array axes permuted / reversed per `canonical_axes` (every voxel
+    keeps its world position; the channel axis, if any, stays first). Returns the new volume,
+    ``axes`` and ``flips`` (for `undo_reorientation`)."""
+    n = volume.spatial_ndim
+    axes, flips = canonical_axes(volume.direction)
+    if axes == list(range(n)) and not any(flips):
+        return volume, axes, flips
+    lead = volume.array.ndim - n
+    array = np.transpose(volume.array, [*range(lead), *(lead + a for a in axes)])
+    for t, f in enumerate(flips):
+        if f:
+            array = np.flip(array, axis=lead + t)
+    old = volume.index_to_world()
+    shape = volume.shape
+    # new index e_t along old axis axes[t]: old index = e or (shape-1-e) when flipped
+    new = np.zeros((n + 1, n + 1))
+    new[n, n] = 1.0
+    origin_index = np.zeros(n + 1)
+    origin_index[n] = 1.0
+    for t, a in enumerate(axes):
+        step = old[:n, a] * (-1.0 if flips[t] else 1.0)
+        new[:n, t] = step
+        if flips[t]:
+            origin_index[a] = shape[a] - 1
+    origin = (old @ origin_index)[:n]
+    spacing = tuple(volume.spacing[a] for a in axes)
+    itk_steps = new[:n, :n][:, ::-1]  # columns in ITK order (x, y, z)
+    direction = itk_steps / np.asarray(spacing[::-1])[None, :]
+    return (Volume(np.ascontiguousarray(array), spacing, tuple(origin), direction, n, dict(volume.meta)),
+            axes, flips)
+
+
+def undo_reorientation(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    """Inverse of `reorient_to_canonical` on an array ``(..., *S_canonical)``: back to the
+    original axis order (leading axes, e.g. classes, are kept)."""
+    n = len(axes)
+    lead = array.ndim - n
+    for t, f in enumerate(flips):
+        if f:
+            array = np.flip(array, axis=lead + t)
+    inverse = np.argsort(axes)
+    return np.ascontiguousarray(np.transpose(array, [*range(lead), *(lead + int(i) for i in inverse)]))
 
 
 def _bbox_to_json(bbox: BBox) -> list[list[int]]:
@@ -698,6 +789,13 @@ def preprocess_case(
         "original_origin": [float(o) for o in image_vol.origin],
         "original_direction": image_vol.direction.tolist(),
     }
+
+    if cfg.reorient and n == 3:
+        image_vol, axes, flips = reorient_to_canonical(image_vol)
+        if label_vol is not None:
+            label_vol = reorient_to_canonical(label_vol)[0]
+        properties["reorient"] = {"axes": axes, "flips": flips, "shape": [int(s) for s in image_vol.shape],
+                                  "spacing": [float(s) for s in image_vol.spacing]}
 
     if cfg.crop_to_nonzero:
         image_vol, label_vol, bbox = crop_to_nonzero(image_vol, label_vol, cfg.crop_margin)
@@ -762,7 +860,8 @@ def restore_original_geometry(
         raise ConfigError(f"kind must be 'auto', 'label' or 'probabilities', got {kind!r}")
     crop_shape = tuple(int(s) for s in properties["shape_after_crop"])
     spacing_now = properties["spacing_after_resampling"]
-    spacing_orig = properties["original_spacing"]
+    reoriented = properties.get("reorient")
+    spacing_orig = reoriented["spacing"] if reoriented else properties["original_spacing"]
     if crop_shape != expected or not _same_spacing(spacing_now, spacing_orig):
         # the preprocessed voxel i sits at original (cropped) index i * now / orig, so going back
         # samples the preprocessed array at index j * orig / now: resample_array with the roles
@@ -776,4 +875,8 @@ def restore_original_geometry(
             spatial_ndim=n,
         )
     bbox = _bbox_from_json(properties["crop_bbox"])
-    return uncrop(array, bbox, properties["original_shape"], fill=fill)
+    full_shape = reoriented["shape"] if reoriented else properties["original_shape"]
+    array = uncrop(array, bbox, full_shape, fill=fill)
+    if reoriented:
+        array = undo_reorientation(array, reoriented["axes"], reoriented["flips"])
+    return array

@@ -99,6 +99,9 @@ class TrainConfig(_Strict):
     max_minutes: float | None = Field(
         None, gt=0, description="wall-clock budget: no new epoch starts once the next one would exceed it"
     )
+    plan: dict[str, Any] | None = Field(
+        None, description="what `resunet plan` chose and why (a record; changing it changes nothing)"
+    )
 
     @model_validator(mode="after")
     def _check_stages(self) -> "TrainConfig":

@@ -1,0 +1,283 @@
+"""The planner's rules: pure functions of the dataset fingerprint, the budget and measured speeds.
+
+Each rule returns its choice and a `Choice` record with the reason, so `resunet plan` can print
+why. `resunet.plan.planner.plan_dataset` calls them in order and times the candidate networks in
+between. The rules learn from nnU-Net's published planners (median spacing, CT vs non-CT
+normalisation, patch from the median shape, pooling while an axis stays >= 8, foreground
+oversampling, its augmentation pipeline), and add what nnU-Net ignores: the time budget and the
+speed of this machine.
+
+=====================  =========================================================================
+choice                 rule
+=====================  =========================================================================
+target spacing         median spacing per axis (3-D: the coarse axis of anisotropic data keeps
+                       its median too); in-plane spacing coarsened when the median image is wider
+                       than `max_side(minutes)` pixels (256 px up to 30 min; more with more time)
+reorient               3-D: yes (array axes to one world convention; predict does the same)
+crop to non-zero       3-D: yes; 2-D pictures: no (black pixels are content)
+normalisation          CT: clip to the foreground 0.5 / 99.5 percentiles, then one dataset-wide
+                       mean / sd (nnU-Net's CT scheme); MR and microscopy: per-case z-score over
+                       the non-zero voxels; RGB / 8-bit pictures: dataset-wide mean / sd per channel
+mode                   2-D data: 2-D. 3-D data: 2.5-D (3 slices in) when the spacing is
+                       anisotropic (max / min >= 3) or a 3-D step leaves fewer than
+                       `MIN_STEPS_3D` steps in the budget; else 3-D
+patch                  2-D / 2.5-D: the median in-plane shape, at most `max_patch_side(minutes)`
+                       per axis; 3-D: the median shape, scaled down to at most `MAX_3D_VOXELS`;
+                       rounded up to a multiple of the network's divisor
+depth                  1 + the number of 2x poolings while the smallest patch axis stays >= 8
+                       before pooling (bottleneck >= 4 px, as nnU-Net), between 3 and 5
+batch                  2-D: `PIXELS_PER_BATCH_2D` / patch pixels, clamped to [8, 32] (BatchNorm
+                       needs >= 8); 3-D: `VOXELS_PER_BATCH_3D` / patch voxels, clamped to [2, 8]
+width                  the widest of base 32 / 16 / 8 whose timed step still leaves `MIN_STEPS`
+                       steps in the budget (training steps buy more Dice than width on a CPU
+                       budget: the demo gained +0.005 from 560 to 1120 steps)
+precision              bf16 autocast where it is native and measured faster and its losses track
+                       fp32's (`resunet.plan.timing.choose_precision`), else fp32
+loss                   Dice + cross-entropy (nnU-Net's; +0.002 over Dice + focal in the demo)
+optimiser / schedule   AdamW, LR 3e-3, warm-up 2 % of the steps, poly decay to 0 at the last step
+epochs x iterations    as many steps as fit in the budget left after fingerprint, cache, timing
+                       and the planned validations, from the measured step time (the whole
+                       schedule fits the budget); epochs of up to 50 iterations
+validation             10 % of the cases (2..10 cases) when there are >= 10, about 5 validations
+                       per run; fewer cases: all train (the last weights are the model)
+foreground sampling    0.5 of the patches centred on a labelled voxel when the smallest class
+                       covers < 1 % of the voxels, else 0.33 (nnU-Net)
+augmentation           rotation, per-axis zoom, flips, gamma, brightness / contrast, noise, blur
+                       and low-resolution simulation for everyone; MR adds bias field and Rician
+                       noise; fewer than 20 training cases: stronger (p 0.3, +-20 degrees)
+=====================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from resunet.errors import InputError
+from resunet.plan.fingerprint import DatasetFingerprint
+
+__all__ = [
+    "Choice",
+    "MIN_STEPS",
+    "MIN_STEPS_3D",
+    "geometry_candidates",
+    "network_depth",
+    "plan_augmentation",
+    "plan_preprocessing",
+    "plan_schedule",
+    "plan_validation",
+    "round_patch",
+]
+
+MIN_STEPS = 1000
+MIN_STEPS_3D = 1500
+PIXELS_PER_BATCH_2D = 2**18
+VOXELS_PER_BATCH_3D = 2**18
+MAX_3D_VOXELS = 64**3
+ANISOTROPY_FOR_2D = 3.0
+WIDTHS = (32, 16, 8)
+ITERATIONS_PER_EPOCH = 50
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One planner decision: the config key it sets, the value, and why."""
+
+    key: str
+    value: Any
+    reason: str
+
+
+def max_side(minutes: float) -> int:
+    """Largest in-plane image side (pixels) trained at full resolution within ``minutes``."""
+    return 256 if minutes <= 30 else 384 if minutes <= 120 else 512
+
+
+def max_patch_side(minutes: float) -> int:
+    """Largest 2-D patch side for a budget of ``minutes`` (a step's cost grows with its pixels)."""
+    return 128 if minutes <= 15 else 192 if minutes <= 60 else 256
+
+
+def network_depth(patch: Sequence[float], max_depth: int = 5, min_depth: int = 3) -> int:
+    """Levels of the U-Net for ``patch``: 1 + poolings while the smallest axis is >= 8."""
+    side, poolings = float(min(patch)), 0
+    while side >= 8 and poolings + 1 < max_depth:
+        side /= 2
+        poolings += 1
+    return int(min(max_depth, max(min_depth, poolings + 1)))
+
+
+def round_patch(shape: Sequence[float], depth: int) -> list[int]:
+    """``shape`` rounded up to multiples of the divisor ``2 ** (depth - 1)``."""
+    div = 2 ** (depth - 1)
+    return [int(max(div, math.ceil(s / div) * div)) for s in shape]
+
+
+# ---------------------------------------------------------------------------------- preprocessing
+
+
+def plan_preprocessing(fp: DatasetFingerprint, minutes: float) -> tuple[dict[str, Any], list[Choice]]:
+    """Target spacing, orientation, cropping and normalisation (a `PreprocessConfig` dict)."""
+    n = fp.spatial_ndim
+    choices: list[Choice] = []
+    spacing = list(fp.median_spacing)
+    spacings = np.array([c.spacing for c in fp.cases])
+    mixed = bool(np.ptp(spacings, axis=0).max() > 1e-3 * max(spacing))
+    reason = "median spacing of the cases" + (" (the cases differ; each is resampled to it)" if mixed else "")
+    shape = fp.median_shape_at(tuple(spacing))
+    limit = max_side(minutes)
+    inplane = shape[-2:]
+    if max(inplane) > limit:
+        factor = max(inplane) / limit
+        spacing = [*spacing[:-2], *(s * factor for s in spacing[-2:])]
+        reason += (f"; in-plane coarsened {factor:.2f}x so the median image ({int(inplane[0])} x "
+                   f"{int(inplane[1])} px) is at most {limit} px wide within {minutes:g} min "
+                   "(predictions are mapped back to every input's own grid)")
+    spacing = [float(f"{s:.4g}") for s in spacing]
+    choices.append(Choice("data.preprocess.target_spacing", spacing, reason))
+    pre: dict[str, Any] = {"target_spacing": spacing, "reorient": n == 3, "crop_to_nonzero": n == 3}
+    if n == 3:
+        orientations = sorted({c.orientation for c in fp.cases})
+        choices.append(Choice("data.preprocess.reorient", True,
+                              f"array axes to one world convention (cases are {', '.join(orientations)})"))
+
+    modalities = fp.modalities
+    first = modalities[0]
+    if any(m != first for m in modalities):
+        first = "mixed"
+    if first == "ct":
+        ch = fp.channels
+        low = [c.p00_5 for c in ch]
+        high = [c.p99_5 for c in ch]
+        pre.update(modality="ct", normalization="fixed", intensity_clip=(min(low), max(high)),
+                   intensity_mean=[c.mean for c in ch], intensity_std=[max(c.sd, 1e-3) for c in ch])
+        choices.append(Choice("data.preprocess.normalization", "fixed + clip",
+                              f"CT: clip to the foreground 0.5 / 99.5 percentiles ({min(low):.0f}, "
+                              f"{max(high):.0f}) HU, then the dataset-wide foreground mean / sd"))
+    elif first in ("rgb", "picture") and all(c.integer_valued and c.max <= 255 for c in fp.channels):
+        pre.update(modality="none", normalization="fixed",
+                   intensity_mean=[c.mean for c in fp.channels],
+                   intensity_std=[max(c.sd, 1e-3) for c in fp.channels])
+        choices.append(Choice("data.preprocess.normalization", "fixed per channel",
+                              "8-bit pictures: one dataset-wide mean / sd per channel"))
+    else:
+        pre.update(modality="mr" if first == "mr" else "none", normalization="zscore", zscore_mask="nonzero")
+        what = {"mr": "MR", "microscopy": "microscopy", "picture": "pictures", "mixed": "mixed channels"}.get(first, first)
+        choices.append(Choice("data.preprocess.normalization", "zscore",
+                              f"{what}: intensities in arbitrary units, per-case z-score over the non-zero voxels"))
+    return pre, choices
+
+
+# ---------------------------------------------------------------------------------- geometry
+
+
+def geometry_candidates(
+    fp: DatasetFingerprint, spacing: Sequence[float], minutes: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Candidate (mode, context, patch, depth, batch, base) settings, most expensive first.
+
+    Returns ``(candidates_3d, candidates_2d, reason)``: the 3-D list is empty when the rules
+    exclude 3-D outright (2-D data, anisotropic spacing); the planner times the 3-D ones first
+    and falls back to the 2-D ones when they leave too few steps.
+    """
+    shape = fp.median_shape_at(tuple(spacing))
+    n = fp.spatial_ndim
+    two_d: list[dict[str, Any]] = []
+    side = max_patch_side(minutes)
+    inplane = [min(float(s), side) for s in shape[-2:]]
+    depth = network_depth(inplane)
+    patch = [min(p, side) for p in round_patch(inplane, depth)]
+    batch = int(np.clip(PIXELS_PER_BATCH_2D // int(np.prod(patch)), 8, 32))
+    context = 0 if fp.is_flat else 1
+    for base in WIDTHS:
+        two_d.append({"mode": "2d", "context": context, "patch_size": patch, "depth": depth,
+                      "batch_size": batch, "base_channels": base})
+    if fp.is_flat:
+        return [], two_d, "2-D images"
+    anisotropy = max(spacing) / min(spacing)
+    if anisotropy >= ANISOTROPY_FOR_2D:
+        return [], two_d, f"anisotropic spacing ({anisotropy:.1f}x): 2.5-D slices along the first axis"
+    voxels = float(np.prod(shape))
+    scale = min(1.0, (MAX_3D_VOXELS / voxels) ** (1 / 3))
+    target = [s * scale for s in shape]
+    depth3 = network_depth(target, max_depth=5)
+    patch3 = round_patch(target, depth3)
+    batch3 = int(np.clip(VOXELS_PER_BATCH_3D // int(np.prod(patch3)), 2, 8))
+    three_d = [{"mode": "3d", "context": 0, "patch_size": patch3, "depth": depth3,
+                "batch_size": batch3, "base_channels": base} for base in (16, 8)]
+    return three_d, two_d, "isotropic enough for 3-D"
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+
+def plan_schedule(step_seconds: float, budget_seconds: float, minutes: float) -> tuple[int, int, Choice]:
+    """``(epochs, iterations_per_epoch)`` that fit ``budget_seconds`` at ``step_seconds`` each.
+
+    Raises `InputError` saying how many minutes are needed when not even 5 epochs of 10
+    iterations fit."""
+    steps = int(budget_seconds / step_seconds)
+    if steps < 50:
+        need = (50 * step_seconds + max(0.0, minutes * 60 - budget_seconds)) / 60
+        raise InputError(
+            f"a budget of {minutes:g} min leaves time for {max(steps, 0)} training steps of "
+            f"{step_seconds:.2f} s here; the smallest plan needs 50 steps: give at least "
+            f"--minutes {math.ceil(need * 1.2)}"
+        )
+    per_epoch = int(min(ITERATIONS_PER_EPOCH, max(10, steps // 20)))
+    epochs = max(1, steps // per_epoch)
+    return epochs, per_epoch, Choice(
+        "stages.0.epochs", f"{epochs} x {per_epoch}",
+        f"{epochs * per_epoch} steps of {step_seconds:.3f} s (measured here) fill the "
+        f"{budget_seconds / 60:.1f} min left for training; the LR reaches 0 at the last step")
+
+
+def plan_validation(num_cases: int) -> tuple[float, Choice]:
+    """Fraction of the cases kept for validation (0 with fewer than 10 cases)."""
+    if num_cases < 10:
+        return 0.0, Choice("data.val_fraction", 0.0,
+                           f"{num_cases} case(s): all train; the last weights (LR 0) are the model")
+    n_val = int(np.clip(round(0.1 * num_cases), 2, 10))
+    return n_val / num_cases, Choice("data.val_fraction", round(n_val / num_cases, 4),
+                                     f"{n_val} of {num_cases} cases validate (10 %, 2..10)")
+
+
+def plan_foreground_fraction(fp: DatasetFingerprint) -> tuple[float, Choice]:
+    present = [c for c in fp.classes if c.cases_present]
+    smallest = min((c.voxel_fraction for c in present), default=0.0)
+    if smallest < 0.01:
+        return 0.5, Choice("data.foreground_fraction", 0.5,
+                           f"the smallest class covers {smallest:.2%} of the voxels: half the patches on labels")
+    return 0.33, Choice("data.foreground_fraction", 0.33, f"classes cover >= {smallest:.1%} of the voxels (nnU-Net's 0.33)")
+
+
+# ---------------------------------------------------------------------------------- augmentation
+
+
+def plan_augmentation(fp: DatasetFingerprint, mode: str, num_training: int) -> tuple[dict[str, Any], Choice]:
+    """An `AugmentConfig` dict: nnU-Net's pipeline in our transforms, scaled by the data size."""
+    few = num_training < 20
+    p_spatial = 0.3 if few else 0.2
+    degrees = 20.0 if few else 15.0
+    mr = "mr" in fp.modalities
+    aug: dict[str, Any] = {
+        "rotation": {"enabled": True, "p": p_spatial, "degrees": (-degrees, degrees)},
+        "scale": {"enabled": True, "p": p_spatial, "zoom": (0.85, 1.25), "per_axis": True},
+        "flip": {"enabled": True, "p": 0.5},
+        "brightness": {"enabled": True, "p": 0.15, "factor": (0.75, 1.25)},
+        "contrast": {"enabled": True, "p": 0.15, "factor": (0.75, 1.25)},
+        "gamma": {"enabled": True, "p": 0.3, "gamma": (0.8, 1.25)},
+        "noise": {"enabled": True, "p": 0.15, "sigma": (0.0, 0.1)},
+        "blur": {"enabled": True, "p": 0.2, "sigma": (0.5, 1.0)},
+        "low_resolution": {"enabled": True, "p": 0.25, "zoom": (0.5, 1.0)},
+        "bias_field": {"enabled": mr, "p": 0.3, "amplitude": (0.05, 0.3)},
+        "rician_noise": {"enabled": mr, "p": 0.2, "sigma": (0.0, 0.1)},
+    }
+    what = "MR: + bias field and Rician noise; " if mr else ""
+    reason = (f"{what}rotation +-{degrees:g} and per-axis zoom at p {p_spatial} "
+              f"({'fewer than 20' if few else str(num_training)} training cases), flips, gamma, noise, "
+              "blur and low-resolution simulation (scans acquired coarser than training)")
+    return aug, Choice("augment", "nnU-Net-like" + (" (strong)" if few else ""), reason)

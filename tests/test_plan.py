@@ -1,0 +1,275 @@
+"""The dataset fingerprint (known answers), each planner rule, the plan YAML round trip and the
+datasets a planner must refuse clearly (or plan anyway)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resunet.data.datasets import find_dataset
+from resunet.data.io import write_volume
+from resunet.data.volume import Volume
+from resunet.errors import InputError
+from resunet.plan import fingerprint_dataset, plan_dataset, rules
+from resunet.plan.fingerprint import modality_from_name, orientation_code
+from resunet.plan.timing import precision_guard
+from resunet.train.config import load_config
+
+
+def write_case(root: Path, case: str, image: np.ndarray, label: np.ndarray, spacing=(1.0, 1.0, 1.0),
+               direction=None, split: str = "Tr") -> None:
+    n = image.ndim
+    direction = np.eye(n) if direction is None else direction
+    for sub in (f"images{split}", f"labels{split}"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    write_volume(Volume(image, spacing, (0.0,) * n, direction, n), root / f"images{split}" / f"{case}_0000.nii.gz")
+    write_volume(Volume(label.astype(np.uint8), spacing, (0.0,) * n, direction, n),
+                 root / f"labels{split}" / f"{case}.nii.gz")
+
+
+def write_json(root: Path, labels: dict, channel: str = "MRI", n: int | None = None) -> None:
+    n = n if n is not None else len(list((root / "imagesTr").glob("*_0000.nii.gz")))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": channel}, "labels": labels, "numTraining": n, "file_ending": ".nii.gz"}))
+
+
+def blob_case(shape, centre, radius, value_fg=100.0, value_bg=10.0, second=None):
+    """Image with a bright ball (label 1) and optionally a second ball (label 2) in a dimmer box."""
+    grid = np.indices(shape).astype(np.float32)
+    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+    label = (dist <= radius).astype(np.uint8)
+    if second is not None:
+        d2 = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, second)))
+        label[d2 <= radius] = 2
+    image = np.where(label > 0, value_fg, value_bg).astype(np.float32)
+    return image, label
+
+
+@pytest.fixture
+def tiny_mr(tmp_path):
+    """Three 3-D cases with known foreground intensities, fractions and component counts."""
+    root = tmp_path / "Dataset001_Tiny"
+    for i in range(3):
+        image, label = blob_case((12, 20, 20), (6, 6, 6), 3, value_fg=100.0 + 10 * i, second=(6, 14, 14))
+        write_case(root, f"c{i}", image, label, spacing=(2.0, 1.0, 1.0))
+    write_json(root, {"background": 0, "a": 1, "b": 2})
+    return root
+
+
+def test_fingerprint_known_values(tiny_mr, tmp_path):
+    info = find_dataset(tiny_mr)
+    fp = fingerprint_dataset(info, tmp_path / "cache", progress=False)
+    assert fp.num_cases == 3 and fp.spatial_ndim == 3
+    assert fp.median_spacing == (2.0, 1.0, 1.0)
+    assert all(c.shape == (12, 20, 20) and c.orientation == "SPL" for c in fp.cases)
+    ch = fp.channels[0]
+    assert ch.modality == "mr" and ch.name == "MRI"
+    # foreground voxels hold 100 / 110 / 120 exactly, equally many per case
+    assert ch.case_means == pytest.approx([100.0, 110.0, 120.0])
+    assert ch.mean == pytest.approx(110.0) and ch.min == 100.0 and ch.max == 120.0
+    assert ch.p00_5 == pytest.approx(100.0) and ch.p99_5 == pytest.approx(120.0)
+    ball = int(blob_case((12, 20, 20), (6, 6, 6), 3)[1].sum())
+    a, b = fp.classes
+    assert a.voxel_fraction == pytest.approx(ball / (12 * 20 * 20))
+    assert a.cases_present == 3 and a.median_components == 1 and b.median_components == 1
+    # cached: a second call reads the JSON (same object), a touched file measures again
+    cached = list((tmp_path / "cache" / "fingerprints").glob("*.json"))
+    assert len(cached) == 1
+    assert fingerprint_dataset(info, tmp_path / "cache", progress=False) == fp
+
+
+def test_component_counts_and_absent_class(tmp_path):
+    root = tmp_path / "D"
+    image, label = blob_case((10, 24, 24), (5, 6, 6), 2)
+    label[5, 18, 18] = 1  # a second component of class 1
+    write_case(root, "c0", image, label)
+    write_json(root, {"background": 0, "organ": 1, "tumour": 2})
+    fp = fingerprint_dataset(find_dataset(root), None, progress=False)
+    assert fp.classes[0].median_components == 2
+    assert fp.classes[1].cases_present == 0
+    with pytest.raises(InputError, match="tumour.*appear in no training label"):
+        plan_dataset(root, 2, cache_dir=tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize("name, dims, expected", [
+    ("CT", 3, "ct"), ("T1", 3, "mr"), ("FLAIR", 3, "mr"), ("MRI", 3, "mr"), ("T2w", 3, "mr"),
+    ("R", 2, "rgb"), ("nuclei fluorescence", 2, "microscopy"), ("whatever", 3, "mr"), ("whatever", 2, "picture"),
+])
+def test_modality_from_channel_names(name, dims, expected):
+    assert modality_from_name(name, dims) == expected
+
+
+def test_orientation_code():
+    assert orientation_code(np.eye(3)) == "SPL"
+    ras = np.diag([-1.0, -1.0, 1.0])  # NIfTI RAS axes in LPS terms
+    assert orientation_code(ras) == "SAR"
+
+
+def _fp(tmp_path, spacing=(1.0, 1.0, 1.0), shape=(12, 20, 20), channel="MRI", n=3, dims=3):
+    root = tmp_path / f"D{spacing[0]}{channel}{shape[0]}"
+    for i in range(n):
+        if dims == 3:
+            image, label = blob_case(shape, tuple(s // 2 for s in shape), 3, value_fg=100.0 + i)
+        else:
+            image, label = blob_case(shape, tuple(s // 2 for s in shape), 3, value_fg=100.0 + i)
+        write_case(root, f"c{i}", image, label, spacing=spacing[-dims:])
+    write_json(root, {"background": 0, "x": 1}, channel=channel)
+    return fingerprint_dataset(find_dataset(root), None, progress=False)
+
+
+def test_rule_anisotropy_means_2d(tmp_path):
+    fp = _fp(tmp_path, spacing=(5.0, 1.0, 1.0))
+    three_d, two_d, reason = rules.geometry_candidates(fp, [5.0, 1.0, 1.0], 10)
+    assert three_d == [] and "anisotropic" in reason
+    assert two_d[0]["mode"] == "2d" and two_d[0]["context"] == 1
+    iso = _fp(tmp_path, spacing=(1.0, 1.0, 1.0))
+    three_d, _, _ = rules.geometry_candidates(iso, [1.0, 1.0, 1.0], 10)
+    assert three_d and three_d[0]["mode"] == "3d"
+
+
+def test_rule_ct_gets_the_ct_scheme(tmp_path):
+    pre, why = rules.plan_preprocessing(_fp(tmp_path, channel="CT"), 10)
+    assert pre["modality"] == "ct" and pre["normalization"] == "fixed"
+    assert pre["intensity_clip"][0] == pytest.approx(100.0) and pre["intensity_clip"][1] <= 102.0
+    mr, _ = rules.plan_preprocessing(_fp(tmp_path, channel="T2"), 10)
+    assert mr["normalization"] == "zscore" and "intensity_clip" not in mr
+
+
+def test_rule_more_minutes_never_fewer_epochs():
+    steps = [rules.plan_schedule(0.3, m * 60, m)[:2] for m in (1, 2, 5, 10, 20, 60)]
+    totals = [e * i for e, i in steps]
+    assert totals == sorted(totals) and totals[-1] > totals[0]
+
+
+def test_rule_budget_too_small_says_how_much(tmp_path):
+    with pytest.raises(InputError, match=r"--minutes \d+"):
+        rules.plan_schedule(5.0, 60, 1)
+
+
+def test_rule_tiny_image_gets_small_patch_and_depth(tmp_path):
+    fp = _fp(tmp_path, shape=(12, 12), dims=2, spacing=(1.0, 1.0), channel="gray")
+    assert fp.is_flat  # a 2-D NIfTI reads as one slice
+    three_d, two_d, _ = rules.geometry_candidates(fp, [1.0, 1.0, 1.0], 10)
+    assert three_d == [] and two_d[0]["context"] == 0
+    assert two_d[0]["depth"] == 3 and two_d[0]["patch_size"] == [12, 12]
+    assert rules.network_depth([128, 128]) == 5 and rules.network_depth([40, 56]) == 4
+    assert rules.network_depth([6, 6]) == 3
+
+
+def test_rule_large_images_are_coarsened_within_the_budget(tmp_path):
+    fp = _fp(tmp_path, shape=(4, 600, 300), spacing=(1.0, 0.5, 0.5))
+    pre, why = rules.plan_preprocessing(fp, 10)
+    assert pre["target_spacing"][0] == 1.0
+    assert pre["target_spacing"][1] == pytest.approx(0.5 * 600 / 256, rel=1e-3)
+    more, _ = rules.plan_preprocessing(fp, 600)
+    assert more["target_spacing"][1] < pre["target_spacing"][1]
+
+
+def test_precision_guard_rejects_divergence():
+    ok, _ = precision_guard([1.0, 0.9, 0.8], [1.0, 0.91, 0.82])
+    assert ok
+    bad, why = precision_guard([1.0, 0.9, 0.8], [1.0, 1.5, 3.0])
+    assert not bad and "apart" in why
+    nan, why = precision_guard([1.0, 0.9], [1.0, float("nan")])
+    assert not nan and "non-finite" in why
+
+
+@pytest.mark.slow
+def test_plan_yaml_round_trip_and_cli(tiny_mr, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_CACHE", str(tmp_path / "cache"))
+    from resunet.cli import main
+
+    out = tmp_path / "plan.yaml"
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", str(tiny_mr), "--minutes", "6", "-o", str(out)])
+    assert stop.value.code in (0, None)
+    config = load_config(out)
+    assert config.plan["minutes"] == 6 and config.data.preprocess.reorient
+    assert config.data.mode in ("2d", "3d") and config.stages[0].epochs >= 1
+    keys = {c["key"] for c in config.plan["choices"]}
+    assert {"data.preprocess.target_spacing", "data.mode", "model.base_channels", "amp", "stages.0.epochs"} <= keys
+    again = load_config(out)
+    assert again == config  # YAML round trip
+
+
+def test_mixed_spacings_one_case_and_gapped_labels(tmp_path):
+    root = tmp_path / "Mixed"
+    for i, sp in enumerate([(1.0, 1.0, 1.0), (2.0, 1.0, 1.0), (1.5, 0.8, 0.8)]):
+        image, label = blob_case((10, 16, 16), (5, 8, 8), 3)
+        write_case(root, f"c{i}", image, label, spacing=sp)
+    write_json(root, {"background": 0, "x": 1})
+    fp = fingerprint_dataset(find_dataset(root), None, progress=False)
+    pre, why = rules.plan_preprocessing(fp, 10)
+    assert pre["target_spacing"] == [1.5, 1.0, 1.0] and "differ" in why[0].reason
+
+    gaps = tmp_path / "Gaps"
+    image, label = blob_case((10, 16, 16), (5, 8, 8), 3)
+    label[label == 1] = 5
+    write_case(gaps, "c0", image, label)
+    write_json(gaps, {"background": 0, "a": 1, "b": 5})
+    with pytest.raises(InputError, match="without gaps"):
+        plan_dataset(gaps, 2, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_four_d_image_in_nnunet_layout_is_refused(tmp_path):
+    root = tmp_path / "FourD"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir(parents=True)
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 3), np.float32), np.eye(4)), root / "imagesTr" / "c0_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), root / "labelsTr" / "c0.nii.gz")
+    write_json(root, {"background": 0, "x": 1}, n=1)
+    with pytest.raises(InputError) as err:
+        plan_dataset(root, 2, cache_dir=tmp_path / "cache", progress=False)
+    assert "c0" in str(err.value)
+
+
+def test_predict_sees_every_scan_at_the_training_geometry(tmp_path):
+    """A scan stored with permuted / flipped axes and another spacing is reoriented and resampled
+    to the plan's geometry before the model runs: its mask is the mask of the canonical scan,
+    permuted back, on the input's own grid (shape, spacing, origin, direction unchanged)."""
+    import nibabel as nib
+    import torch
+
+    from resunet.data.io import read_volume
+    from resunet.infer.predictor import Predictor
+    from resunet.nets import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model("resunet", spatial_dims=2, in_channels=3, out_channels=3, base_channels=4, depth=3)
+    model.eval()
+    with torch.no_grad():  # centre the logits so the masks of a random model are not constant
+        model.head.weight.mul_(50.0)
+        model.head.bias.mul_(50.0)
+        model.head.bias.sub_(model(torch.randn(4, 3, 16, 16)).mean(dim=(0, 2, 3)))
+    checkpoint = {
+        "state_dict": model.state_dict(), "model": model_config(model),
+        "preprocess": {"modality": "mr", "normalization": "zscore", "crop_to_nonzero": False,
+                       "reorient": True, "target_spacing": [2.0, 1.0, 1.0]},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "inference": {"mode": "2d", "context": 1, "patch_size": [16, 16]},
+    }
+    predictor = Predictor(checkpoint, backend="eager")
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, size=(10, 12, 7)).astype(np.float32)  # NIfTI (i, j, k)
+    canonical = np.diag([-1.0, -1.0, 2.0, 1.0])  # RAS: LPS-flipped x, y; 2 mm slices along k
+    nib.save(nib.Nifti1Image(data, canonical), tmp_path / "a.nii.gz")
+    # the same voxels stored with i and k swapped and j reversed (another scanner's convention)
+    perm = np.flip(np.transpose(data, (2, 1, 0)), axis=1).copy()
+    affine = np.zeros((4, 4))
+    affine[:3, 0] = canonical[:3, 2]  # new i = old k
+    affine[:3, 1] = -canonical[:3, 1]  # new j = old j reversed
+    affine[:3, 2] = canonical[:3, 0]  # new k = old i
+    affine[:3, 3] = canonical[:3, 1] * (data.shape[1] - 1)
+    affine[3, 3] = 1
+    nib.save(nib.Nifti1Image(perm, affine), tmp_path / "b.nii.gz")
+    a, b = read_volume(tmp_path / "a.nii.gz"), read_volume(tmp_path / "b.nii.gz")
+    mask_a, mask_b = predictor.predict([a]), predictor.predict([b])
+    assert mask_b.shape == b.shape and mask_b.spacing == b.spacing
+    assert mask_b.origin == b.origin and np.array_equal(mask_b.direction, b.direction)
+    assert len(np.unique(mask_a.array)) > 1
+    # b's array is (k, j, i) of its own file: map a's mask into b's axes and compare
+    a_as_b = np.flip(np.transpose(mask_a.array, (2, 1, 0)), axis=1)
+    assert np.array_equal(mask_b.array, a_as_b)
