@@ -1,4 +1,4 @@
-"""The demo's pieces: its training plan, its threshold baseline and its configuration."""
+"""The demo's pieces: its data, its threshold baseline, and the plan the planner makes for it."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from resunet import demo
-from resunet.demo import MAX_EPOCHS, MIN_EPOCHS, ThresholdRule, demo_config, plan_epochs, prepare_dataset
+from resunet.demo import ThresholdRule, prepare_dataset
 from resunet.metrics import dice
 from resunet.data.datasets import find_dataset
 from resunet.train.trainer import split_cases
@@ -18,17 +18,6 @@ BOX = (slice(90, 138), slice(70, 118))
 def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mni") / "dataset"
     return prepare_dataset(root, z_range=(70, 94), thickness=6, test_slabs=(3,), box=BOX)
-
-
-def test_plan_fits_the_budget_and_is_clamped():
-    # 0.65 s per step: 40 x 0.65 x 1.15 = 29.9 s per epoch; 480 s / 29.9 s = 16.05 -> 16
-    assert plan_epochs(0.65, 8.0) == 16
-    assert plan_epochs(0.65, 14.0) == 28
-    assert plan_epochs(0.26, 8.0) == MAX_EPOCHS  # this box: 480 / 11.96 = 40 -> capped
-    assert plan_epochs(5.0, 8.0) == MIN_EPOCHS  # a very slow machine still trains a little
-    # more time never plans fewer epochs
-    plans = [plan_epochs(0.5, m) for m in np.linspace(1, 30, 59)]
-    assert plans == sorted(plans)
 
 
 def test_threshold_rule_recovers_known_thresholds():
@@ -43,20 +32,58 @@ def test_threshold_rule_recovers_known_thresholds():
     assert dice(labels == 1, truth == 1) > 0.99 and dice(labels == 2, truth == 2) > 0.99
 
 
-def test_demo_config_trains_every_training_slab_with_the_planned_epochs(small_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "seconds_per_iteration", lambda config: 0.65)
-    config = demo_config(small_dataset, tmp_path, minutes=8.0)
-    assert config.stages[0].epochs == 16 and config.max_minutes == 8.0
+def fake_speed(monkeypatch, seconds_2d: float, seconds_3d: float = 5.0):
+    """Make the planner's timed steps return fixed figures (3-D / 2-D by patch length)."""
+    from resunet.plan import planner, timing
+
+    def fake(config, cases, in_channels, out_channels, *, amp, **kw):
+        s = seconds_3d if config.data.mode == "3d" else seconds_2d * config.model.base_channels / 8
+        return timing.StepTiming(s / (1.5 if amp else 1.0), [1.0, 0.9, 0.8], amp)
+
+    monkeypatch.setattr(timing, "time_training", fake)
+    monkeypatch.setattr(planner, "time_training", fake)
+    monkeypatch.setattr(timing, "native_bf16", lambda: True)
+
+
+def test_the_demo_plan_trains_every_slab_and_fills_the_budget(small_dataset, tmp_path, monkeypatch):
+    from resunet.plan import plan_dataset
+
+    fake_speed(monkeypatch, seconds_2d=0.2)
+    plan = plan_dataset(small_dataset, 8.0, output_dir=tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    config = plan.config
     train, val = split_cases(find_dataset(small_dataset), config)
     assert val == [] and len(train) == len(list((small_dataset / "imagesTr").glob("*_0000.nii.gz")))
-    # explicit epochs: no timing at all
-    monkeypatch.setattr(demo, "seconds_per_iteration", lambda config: pytest.fail("timed"))
-    assert demo_config(small_dataset, tmp_path, minutes=8.0, epochs=3).stages[0].epochs == 3
+    assert config.data.mode == "2d" and config.data.context == 1  # 3-D at 5 s a step does not fit
+    assert config.amp  # bf16 measured 1.5x faster and its losses track fp32's
+    # base 8 at 0.2 / 1.5 s a step: widths 32 and 16 leave fewer than 1000 steps in 8 minutes
+    assert config.model.base_channels in (8, 16)
+    step = 0.2 * config.model.base_channels / 8 / 1.5
+    steps = config.stages[0].epochs * config.stages[0].iterations_per_epoch
+    assert 0.8 * 8 * 60 / step <= steps <= 8 * 60 / step
+    # twice the minutes: never fewer steps
+    more = plan_dataset(small_dataset, 16.0, output_dir=tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    assert more.config.stages[0].epochs * more.config.stages[0].iterations_per_epoch >= steps
 
 
-def test_seconds_per_iteration_times_a_real_training_step(small_dataset, tmp_path):
-    config = demo_config(small_dataset, tmp_path, minutes=8.0, epochs=1)
-    config.model.base_channels, config.model.depth = 4, 3
-    config.stages[0].batch_size, config.stages[0].patch_size = 2, [32, 32]
-    seconds = demo.seconds_per_iteration(config, repeats=2)
-    assert np.isfinite(seconds) and seconds > 0
+def test_reacquire_builds_an_oblique_coarser_grid_with_world_consistent_labels():
+    from resunet.data.volume import Volume
+    from resunet.demo import reacquire
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((30, 40, 36), np.uint8)
+    labels[5:25, 8:32, 6:30] = 1
+    labels[10:20, 14:26, 12:24] = 2
+    image = Volume((50.0 + 50 * labels + rng.normal(0, 1, labels.shape)).astype(np.float32), (1.0, 1.0, 1.0),
+                   (10.0, -20.0, 5.0), np.eye(3), 3)
+    img, lab = reacquire(image, labels, 5, 25, spacing=(2.0, 1.2, 1.2), tilt_deg=(10.0, 6.0), seed=0)
+    assert img.spacing == (2.0, 1.2, 1.2) and img.shape == lab.shape == (10, 33, 30)
+    assert not np.allclose(img.direction, np.eye(3), atol=0.05)  # oblique
+    assert np.allclose(img.direction.T @ img.direction, np.eye(3), atol=1e-9)  # still a rotation
+    # every new voxel carries the label of the source voxel nearest to its world position
+    new, src = lab.index_to_world(), image.index_to_world()
+    for idx in [(0, 0, 0), (5, 16, 15), (9, 32, 29), (3, 10, 20)]:
+        world = new @ np.array([*idx, 1.0])
+        j = np.clip(np.rint(np.linalg.solve(src, world)[:3]).astype(int), 0, np.array(labels.shape) - 1)
+        assert lab.array[idx] == labels[tuple(j)]
+    # partial volume + corruption: the image is no longer the source's two clean levels
+    assert set(np.unique(lab.array)) == {0, 1, 2} and np.std(img.array[lab.array == 2]) > 1.0

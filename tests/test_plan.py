@@ -273,3 +273,29 @@ def test_predict_sees_every_scan_at_the_training_geometry(tmp_path):
     # b's array is (k, j, i) of its own file: map a's mask into b's axes and compare
     a_as_b = np.flip(np.transpose(mask_a.array, (2, 1, 0)), axis=1)
     assert np.array_equal(mask_b.array, a_as_b)
+
+
+def _fake_speed(monkeypatch, seconds: float):
+    from resunet.plan import planner, timing
+
+    def fake(config, cases, in_channels, out_channels, *, amp, **kw):
+        return timing.StepTiming(seconds, [1.0, 0.9, 0.8], amp)
+
+    monkeypatch.setattr(timing, "time_training", fake)
+    monkeypatch.setattr(planner, "time_training", fake)
+
+
+def test_one_case_plans_without_validation_and_a_tiny_budget_says_how_much(tmp_path, monkeypatch):
+    root = tmp_path / "One"
+    image, label = blob_case((6, 24, 24), (3, 12, 12), 4)
+    write_case(root, "only", image, label, spacing=(4.0, 1.0, 1.0))
+    write_json(root, {"background": 0, "x": 1})
+    _fake_speed(monkeypatch, 0.05)
+    plan = plan_dataset(root, 2, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run", progress=False)
+    assert plan.config.data.val_fraction == 0.0
+    assert plan.config.data.mode == "2d" and plan.config.data.context == 1  # 4 mm slices: anisotropic
+    assert plan.config.stages[0].patch_size == [24, 24]
+    _fake_speed(monkeypatch, 30.0)
+    with pytest.raises(InputError, match=r"give at least --minutes (\d+)") as err:
+        plan_dataset(root, 2, cache_dir=tmp_path / "cache", progress=False)
+    assert int(err.value.args[0].rsplit(" ", 1)[1]) >= 25  # 50 steps of 30 s

@@ -309,13 +309,13 @@ def compare(
     dataset: Path = typer.Argument(..., help="Dataset folder (nnU-Net / Decathlon / images+masks)."),
     models: str = typer.Option("unet,attention_unet,resunet", help="Comma-separated model names."),
     minutes: float = typer.Option(8.0, "--budget", help="Training budget per model, in minutes."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Shared training config (default: the demo recipe)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Shared training config (default: planned for the budget)."),
     out: Path = typer.Option(Path("resunet-compare"), "--out", "-o", help="Output folder."),
 ) -> None:
     """Train several networks under the same budget and compare Dice, HD95, boundary F1, size and speed."""
     from resunet.compare import compare_models
-    from resunet.demo import demo_config
     from resunet.nets import MODELS
+    from resunet.plan import plan_dataset
     from resunet.train.config import load_config
 
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -327,7 +327,7 @@ def compare(
     if config is not None:
         base = load_config(config, {"data": {"dataset": str(dataset)}})
     else:
-        base = demo_config(dataset, out, minutes)
+        base = plan_dataset(dataset, minutes, output_dir=out / "plan").config
     compare_models(base, names, out, minutes)
 
 

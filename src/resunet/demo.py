@@ -10,7 +10,9 @@ Label rule (3 classes): grey matter (1) where ``gm >= 128`` and ``gm > wm``; whi
 ``wm >= 128`` and ``wm >= gm``; background (0) elsewhere (probabilities stored as 0..255).
 
 The volume is cut into axial slabs written as separate cases in the nnU-Net raw layout (so the demo
-reads through the same loader as a user's data); most slabs train, two are held out, predicted
+reads through the same loader as a user's data); the planner (`resunet.plan.plan_dataset`) chooses
+the whole training run for this machine and ``--minutes``, exactly as `resunet train DATASET`
+would; most slabs train, two are held out, predicted
 through the normal predict path and evaluated -- clean, and after an MR corruption the model never
 saw as such (a smooth multiplicative bias field of +-20 % and Rician noise at 3 % of the white-matter
 intensity), against a two-threshold intensity rule fitted on the training slabs.
@@ -23,7 +25,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,18 +36,15 @@ from resunet.data.volume import Volume
 from resunet.errors import InputError
 from resunet.metrics import dice
 
-if TYPE_CHECKING:
-    from resunet.train.config import TrainConfig
-
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 SLAB_THICKNESS = 20  # slices
 Z_RANGE = (0, 160)  # axial slices holding the brain (tissue spans z = 2..153)
 TEST_SLABS = (2, 5)
 BIAS_AMPLITUDE = 0.20
 RICIAN_FRACTION_OF_WM = 0.03
-#: the demo's training plan: up to MAX_EPOCHS epochs of ITERATIONS_PER_EPOCH iterations, fewer when
-#: this machine cannot train that many in the time budget (`plan_epochs`), never fewer than MIN_EPOCHS
-MAX_EPOCHS, MIN_EPOCHS, ITERATIONS_PER_EPOCH = 28, 8, 40
+#: the "re-acquired" held-out slabs: another scanner's grid (mm, array order z, y, x), tilted
+REACQUIRED_SPACING = (2.0, 1.2, 1.2)
+REACQUIRED_TILT_DEG = (10.0, 6.0)  # about the left-right axis, then about the vertical axis
 
 console = Console()
 
@@ -90,6 +88,66 @@ def corrupt(image: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
     sigma = RICIAN_FRACTION_OF_WM * float(np.median(image[labels == 2]))
     noisy = add_rician_noise(x * field, sigma, relative=False, generator=g)
     return noisy[0, 0].numpy()
+
+
+def _rotation(tilt_deg: tuple[float, float]) -> np.ndarray:
+    """LPS rotation: ``tilt_deg[0]`` about x (left-right), then ``tilt_deg[1]`` about z."""
+    a, b = np.deg2rad(tilt_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    return rz @ rx
+
+
+def reacquire(
+    image: Volume, labels: np.ndarray, z0: int, z1: int,
+    spacing: tuple[float, float, float] = REACQUIRED_SPACING,
+    tilt_deg: tuple[float, float] = REACQUIRED_TILT_DEG, seed: int = 0,
+) -> tuple[Volume, Volume]:
+    """The anatomy of slab ``[z0, z1)`` of ``image`` as another scanner would acquire it: a grid
+    of ``spacing`` mm (array order) covering the slab's extent, tilted by ``tilt_deg`` (an oblique
+    affine), voxels that average their extent (a Gaussian of FWHM = the new voxel size, i.e. partial
+    volume), then the demo's bias field and Rician noise (`corrupt`). Labels are sampled at the new
+    voxel centres (nearest). Returns ``(image, label)`` volumes on the new grid."""
+    from scipy import ndimage
+
+    src = image.index_to_world()
+    shape_src = np.asarray(image.shape, float)
+    extent = np.array([z1 - z0, shape_src[1], shape_src[2]]) * np.asarray(image.spacing)
+    shape = tuple(int(round(e / s)) for e, s in zip(extent, spacing))
+    centre = src @ np.array([(z0 + z1 - 1) / 2, (shape_src[1] - 1) / 2, (shape_src[2] - 1) / 2, 1.0])
+    rot = _rotation(tilt_deg)
+    steps = np.stack([rot @ (src[:3, a] / np.linalg.norm(src[:3, a])) * spacing[a] for a in range(3)], axis=1)
+    origin = centre[:3] - steps @ ((np.asarray(shape) - 1) / 2)
+    new = np.eye(4)
+    new[:3, :3], new[:3, 3] = steps, origin
+    sigma = [np.sqrt(max(s**2 - o**2, 0.0)) / 2.355 / o for s, o in zip(spacing, image.spacing)]
+    blurred = ndimage.gaussian_filter(image.array.astype(np.float32), sigma)
+    index = np.indices(shape).reshape(3, -1)
+    coords = (np.linalg.inv(src) @ new @ np.vstack([index, np.ones(index.shape[1])]))[:3]
+    img = ndimage.map_coordinates(blurred, coords, order=1, mode="nearest").reshape(shape)
+    lab = ndimage.map_coordinates(labels, coords, order=0, mode="nearest").reshape(shape).astype(np.uint8)
+    img = corrupt(np.clip(img, 0, None), lab, seed=seed)
+    direction = steps[:, ::-1] / np.asarray(spacing[::-1])[None, :]  # columns in ITK order (x, y, z)
+    geometry = dict(spacing=spacing, origin=tuple(origin), direction=direction, spatial_ndim=3)
+    return Volume(img.astype(np.float32), **geometry), Volume(lab, **geometry)
+
+
+def prepare_reacquired(root: Path, test_slabs: tuple[int, ...] = TEST_SLABS, z_range: tuple[int, int] = Z_RANGE,
+                       thickness: int = SLAB_THICKNESS) -> None:
+    """``imagesTs_reacquired`` / ``labelsTs_reacquired``: the held-out slabs by `reacquire` (idempotent)."""
+    root = Path(root)
+    if (root / "labelsTs_reacquired").is_dir() and any((root / "labelsTs_reacquired").iterdir()):
+        return
+    files = mni_files()
+    t1 = read_volume(files["t1"])
+    labels = tissue_labels(read_volume(files["gm"]).array, read_volume(files["wm"]).array)
+    bounds = list(range(z_range[0], z_range[1] + 1, thickness))
+    for sub in ("imagesTs_reacquired", "labelsTs_reacquired"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in test_slabs:
+        img, lab = reacquire(t1, labels, bounds[i], bounds[i + 1], seed=100 + i)
+        write_volume(img, root / "imagesTs_reacquired" / f"mni_slab{i}_0000.nii.gz")
+        write_volume(lab, root / "labelsTs_reacquired" / f"mni_slab{i}.nii.gz")
 
 
 def prepare_dataset(
@@ -179,130 +237,17 @@ class ThresholdRule:
         return cls(float(edges[i]), float(edges[j]))
 
 
-def foreground_statistics(paths: list[Path]) -> tuple[float, float]:
-    """Mean and standard deviation of the non-zero voxels of all ``paths`` together."""
-    arrays = [read_volume(p).array for p in paths]
-    values = np.concatenate([a[a > 0].ravel() for a in arrays])
-    return float(values.mean()), float(values.std())
-
-
-def seconds_per_iteration(config: TrainConfig, repeats: int = 5, warmup: int = 2) -> float:
-    """Wall time (s) of one training step of ``config``'s first stage on this machine: the fastest
-    of ``repeats`` runs of the trainer's `train_step` (forward, loss, backward, optimiser) on a
-    random batch of the stage's shape, after ``warmup`` steps. The fastest, not the median: noise
-    (a process finishing its writes, first-call set-up) only ever adds time, and a median of three
-    once read 0.35 s on a box whose epochs then ran at 0.32 s per iteration. Sampling,
-    augmentation and validation are not included."""
-    from resunet.nets import build_model
-    from resunet.train.steps import train_step
-    from resunet.train.trainer import make_loss, make_optimizer
-
-    stage = config.stages[0]
-    channels = 2 * config.data.context + 1
-    model = build_model(config.model.name, spatial_dims=2, in_channels=channels, out_channels=len(LABELS),
-                        base_channels=config.model.base_channels, depth=config.model.depth)
-    optimizer, loss = make_optimizer(model, config), make_loss(config)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(stage.batch_size, channels, *stage.patch_size, generator=g)
-    labels = torch.randint(0, len(LABELS), (stage.batch_size, 1, *stage.patch_size), generator=g)
-    times = []
-    for _ in range(warmup + repeats):
-        t0 = time.perf_counter()
-        train_step(model, images, labels, loss, optimizer, scaler, amp=False)
-        times.append(time.perf_counter() - t0)
-    return min(times[warmup:])
-
-
-def plan_epochs(step_seconds: float, minutes: float, overhead: float = 0.15) -> int:
-    """Epochs of ``ITERATIONS_PER_EPOCH`` steps of ``step_seconds`` that fit in ``minutes`` when
-    sampling, augmentation and the rest add ``overhead`` to every step (measured: 0.26 s steps,
-    12 s epochs, i.e. 1.15 x); clamped to ``[MIN_EPOCHS, MAX_EPOCHS]``. The trainer's
-    ``max_minutes`` still stops a run that falls behind its plan."""
-    epoch_seconds = ITERATIONS_PER_EPOCH * step_seconds * (1.0 + overhead)
-    return max(MIN_EPOCHS, min(MAX_EPOCHS, int(minutes * 60.0 / epoch_seconds)))
-
-
-def demo_config(dataset: Path, out: Path, minutes: float, epochs: int | None = None) -> TrainConfig:
-    """The demo's training run: 2.5-D ResUNet (3 slices in), one stage, MR augmentation on.
-
-    One stage of 128 x 128 patches, batch 16, ``epochs`` epochs of 40 iterations down to LR 0
-    (prediction still runs on whole slices); ``epochs=None`` plans them for this machine
-    (`plan_epochs`: up to 28 in ``minutes``). All six training slabs train (no validation slab:
-    with the schedule ending at LR 0 the last weights are the model) and the loss is Dice + focal
-    with gamma 0, i.e. Dice + cross-entropy. Measured on the same data and seed (2026-11-27,
-    benchmarks/RESULTS.md), held-out mean Dice clean / corrupted:
-
-    - 14 epochs, slab 6 validating, gamma 2 (the previous recipe): 0.9651 / 0.9174
-    - 14 epochs, gamma 0: 0.9667; 14 epochs, slab 6 training: 0.9670
-    - 28 epochs, slab 6 validating, gamma 2: 0.9702 / 0.9178
-    - 28 epochs, slab 6 training, gamma 0 (this recipe): 0.9734 / 0.9208
-
-    A second stage at 224 x 192 / batch 4 lost Dice (BatchNorm on 4 samples; 2026-11-25).
-
-    Intensities are normalised with ONE mean / sd over the training slabs: the slabs are cut from
-    one calibrated scan, and per-slab z-scores would shift them by up to one sd (slab foreground
-    means range from 153 to 188) and make held-out slabs look unlike any training slab.
-    """
-    from resunet.data.augment import AugmentConfig
-    from resunet.data.preprocess import PreprocessConfig
-    from resunet.train.config import config_from_dict
-
-    mean, std = foreground_statistics(sorted(Path(dataset, "imagesTr").glob("*_0000.nii.gz")))
-    augment = AugmentConfig().model_dump()
-    # spatial augmentation sparingly (held-out slabs are the same scan, and interpolating the
-    # image against nearest-neighbour labels blurs 1-voxel boundaries); intensity augmentation
-    # aimed at what MR scanners vary: bias field, Rician and Gaussian noise, gamma
-    augment["rotation"].update(p=0.1)
-    augment["scale"].update(p=0.1)
-    augment["brightness"].update(enabled=False)
-    augment["contrast"].update(enabled=False)
-    augment["gamma"].update(p=0.2)
-    augment["bias_field"].update(enabled=True, p=0.5, amplitude=(0.05, 0.3))
-    augment["rician_noise"].update(enabled=True, p=0.3, sigma=(0.0, 0.12))
-    augment["noise"].update(p=0.2)
-    tree = {
-        "data": {
-            "dataset": str(dataset), "cache_dir": str(out / "cache"), "val_cases": [], "val_fraction": 0.0,
-            "preprocess": PreprocessConfig(
-                modality="mr", normalization="fixed", intensity_mean=mean, intensity_std=std, crop_to_nonzero=True,
-            ).model_dump(mode="json"),
-            "mode": "2d", "context": 1, "foreground_fraction": 0.5,
-        },
-        "model": {"name": "resunet", "base_channels": 8, "depth": 5},
-        # alpha None: no class weighting, which would move every boundary by favouring a class;
-        # gamma 0: the focal term is plain cross-entropy (see above)
-        "loss": {"alpha": None, "gamma": 0.0},
-        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4},
-        "schedule": {"kind": "poly", "warmup_iterations": 20},
-        "stages": [{"patch_size": [128, 128], "batch_size": 16, "epochs": epochs or MAX_EPOCHS,
-                    "iterations_per_epoch": ITERATIONS_PER_EPOCH}],
-        "augment": augment,
-        "seed": 0,
-        "output_dir": str(out / "run"),
-        "max_minutes": minutes,
-    }
-    config = config_from_dict(tree, "the demo configuration")
-    if epochs is None:
-        step = seconds_per_iteration(config)
-        planned = plan_epochs(step, minutes)
-        console.print(f"training plan: {planned} epochs x {ITERATIONS_PER_EPOCH} iterations "
-                      f"({step:.2f} s per training step measured here, budget {minutes:g} min"
-                      + (f"; the full plan is {MAX_EPOCHS} epochs, raise --minutes for it)" if planned < MAX_EPOCHS else ")"))
-        config.stages[0].epochs = planned
-    return config
-
-
 def _case_ids(folder: Path) -> list[str]:
     return sorted(p.name[: -len("_0000.nii.gz")] for p in folder.glob("*_0000.nii.gz"))
 
 
 def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
-    """Prepare the data, train, predict the held-out slabs (clean and corrupted), evaluate, report.
+    """Prepare the data, plan, train, predict the held-out slabs (clean, corrupted, re-acquired), evaluate, report.
 
     Returns ``{row name: {"grey_matter": Dice, "white_matter": Dice, "mean": Dice}}``.
     """
     from resunet.infer.predictor import Predictor
+    from resunet.plan import plan_dataset
     from resunet.report.overlays import best_slice, save_overlay
     from resunet.train.config import load_config
     from resunet.train.trainer import fit
@@ -311,6 +256,7 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = prepare_dataset(out / "dataset")
+    prepare_reacquired(dataset)
     console.print(f"dataset: {dataset} (nnU-Net layout, {len(_case_ids(dataset / 'imagesTr'))} training slabs, "
                   f"{len(TEST_SLABS)} held out)")
     run_dir = out / "run"
@@ -318,8 +264,10 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
     if resume:  # an interrupted demo continues with its own plan, not one re-timed now
         config = load_config(run_dir / "config.yaml")
         console.print(f"continuing {run_dir} ({config.total_epochs} epochs planned)")
-    else:
-        config = demo_config(dataset, out, minutes)
+    else:  # the planner decides everything, as for a user's dataset
+        plan = plan_dataset(dataset, minutes, output_dir=run_dir, cache_dir=out / "cache", started=t0)
+        console.print(plan.table())
+        config = plan.config
     result = fit(config, resume=resume)
 
     predictor = Predictor.from_file(run_dir / "best.pt", batch_size=8, tta=True)  # flip TTA: +0.002 Dice, ~10 s
@@ -332,12 +280,14 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
     scores: dict[str, list[list[float]]] = {}
     overlays = []
     (out / "overlays").mkdir(exist_ok=True)
-    for split, pred_dir in (("imagesTs", out / "predictions"), ("imagesTs_corrupted", out / "predictions_corrupted")):
+    splits = (("clean", "imagesTs", "labelsTs"), ("corrupted", "imagesTs_corrupted", "labelsTs"),
+              ("re-acquired", "imagesTs_reacquired", "labelsTs_reacquired"))
+    for tag, split, truth_dir in splits:
+        pred_dir = out / ("predictions" if tag == "clean" else f"predictions_{tag.replace('-', '')}")
         pred_dir.mkdir(exist_ok=True)
-        tag = "clean" if split == "imagesTs" else "corrupted"
         for case in _case_ids(dataset / split):
             image = read_volume(dataset / split / f"{case}_0000.nii.gz")
-            truth = read_volume(dataset / "labelsTs" / f"{case}.nii.gz").array
+            truth = read_volume(dataset / truth_dir / f"{case}.nii.gz").array
             mask = predictor.predict([image])
             write_volume(mask, pred_dir / f"{case}.nii.gz")
             for method, labels in ((f"ResUNet ({tag})", mask.array), (f"threshold rule ({tag})", rule.apply(image.array))):
@@ -362,15 +312,18 @@ def _print_summary(summary, names, out, run_dir, overlays, seconds, epochs, rule
     table.add_column("method")
     for n in [*names, "mean"]:
         table.add_column(n.replace("_", " "), justify="right")
-    order = ["ResUNet (clean)", "threshold rule (clean)", "ResUNet (corrupted)", "threshold rule (corrupted)"]
+    order = [f"{m} ({tag})" for tag in ("clean", "corrupted", "re-acquired") for m in ("ResUNet", "threshold rule")]
     for method in order:
         row = summary[method]
         table.add_row(method, *[f"{row[n]:.4f}" for n in [*names, "mean"]])
     console.print(table)
     console.print(f"threshold rule fitted on the training slabs: GM in [{rule.low:.1f}, {rule.high:.1f}), WM >= {rule.high:.1f}")
     console.print(f"corrupted = bias field +-{BIAS_AMPLITUDE:.0%} and Rician noise at {RICIAN_FRACTION_OF_WM:.0%} of WM intensity")
+    console.print(f"re-acquired = the same slabs on a {' x '.join(f'{s:g}' for s in REACQUIRED_SPACING)} mm grid tilted "
+                  f"{REACQUIRED_TILT_DEG[0]:g} + {REACQUIRED_TILT_DEG[1]:g} degrees, partial volume, then corrupted")
     console.print(f"trained {epochs} epochs; total demo time {seconds / 60:.1f} min")
     console.print(f"model:        {run_dir / 'best.pt'}")
     console.print(f"curves:       {run_dir / 'curves.png'}  (metrics: {run_dir / 'metrics.csv'})")
-    console.print(f"predictions:  {out / 'predictions'}  and  {out / 'predictions_corrupted'} (NIfTI, input geometry)")
+    console.print(f"predictions:  {out / 'predictions'}, {out / 'predictions_corrupted'}, {out / 'predictions_reacquired'} "
+                  "(NIfTI, each input's geometry)")
     console.print(f"overlays:     {out / 'overlays'} ({len(overlays)} PNGs)")

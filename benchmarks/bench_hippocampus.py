@@ -1,0 +1,127 @@
+"""Self-configuring training on real MR: `resunet train DATASET --minutes N` on MSD Task04 Hippocampus.
+
+Reads ``../shared/data/Task04_Hippocampus`` (195 labelled MR volumes, MSD layout; CC-BY-SA 4.0,
+Simpson et al. 2019) beside the project, or ``--data``; skips with a message when it is absent.
+
+Split: a fixed fifth of the cases (39, chosen by ``numpy.random.default_rng(0).permutation`` of the
+sorted case list) is held out; the other 156 form an MSD-layout copy (symlinks + a rewritten
+``dataset.json``) that `resunet train` plans and trains on, exactly as a user would run it. The
+held-out cases are then predicted with ``resunet predict`` and scored (Dice per class, per case,
+averaged). ``--baseline`` also trains the fixed defaults (``resunet train --dataset``, no planner)
+under the same wall-clock budget (``max_minutes``) for comparison.
+
+    python benchmarks/bench_hippocampus.py --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "Task04_Hippocampus"
+
+
+def make_split(src: Path, dst: Path, seed: int = 0) -> tuple[Path, list[str]]:
+    """MSD copy of the training four fifths under ``dst/train``; held-out images/labels in ``dst/test``."""
+    js = json.loads((src / "dataset.json").read_text())
+    cases = sorted(js["training"], key=lambda c: c["image"])
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_test = len(cases) // 5
+    test, train = sorted(order[:n_test]), sorted(order[n_test:])
+    root = dst / "train"
+    for sub in ("train/imagesTr", "train/labelsTr", "test/images", "test/labels"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+
+    def link(case: dict, folder_images: Path, folder_labels: Path) -> str:
+        for key, folder in (("image", folder_images), ("label", folder_labels)):
+            p = (src / case[key]).resolve()
+            q = folder / p.name
+            if not q.exists():
+                os.symlink(p, q)
+        return Path(case["image"]).name
+
+    for i in train:
+        link(cases[i], root / "imagesTr", root / "labelsTr")
+    held = [link(cases[i], dst / "test" / "images", dst / "test" / "labels") for i in test]
+    split_js = dict(js, training=[cases[i] for i in train], numTraining=len(train), test=[], numTest=0)
+    (root / "dataset.json").write_text(json.dumps(split_js, indent=1))
+    return root, held
+
+
+def score(pred_dir: Path, label_dir: Path, names: list[str]) -> dict[str, float]:
+    from resunet.data.io import read_volume
+    from resunet.metrics import dice
+
+    rows = []
+    for label in sorted(label_dir.glob("*.nii.gz")):
+        gt = read_volume(label).array
+        pred = read_volume(pred_dir / label.name).array
+        rows.append([dice(pred == c, gt == c) for c in range(1, len(names) + 1)])
+    mean = np.mean(rows, axis=0)
+    return {**{n: float(m) for n, m in zip(names, mean)}, "mean": float(np.mean(rows)), "cases": len(rows)}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--out", type=Path, default=Path("bench-hippocampus"))
+    ap.add_argument("--baseline", action="store_true", help="also train the fixed defaults for comparison")
+    args = ap.parse_args()
+    if not (args.data / "dataset.json").is_file():
+        print(f"skipped: {args.data} not found (MSD Task04_Hippocampus; see ../shared/DATA.md)")
+        return
+    out = args.out.resolve()
+    train_root, held = make_split(args.data.resolve(), out / "split")
+    names = ["Anterior", "Posterior"]
+    resunet = [sys.executable, "-m", "resunet"]
+    results = {}
+    runs = [("planned", [*resunet, "train", str(train_root), "--minutes", str(args.minutes), "-o", str(out / "planned")])]
+    if args.baseline:
+        runs.append(("fixed defaults", [*resunet, "train", "--dataset", str(train_root), "-o", str(out / "defaults"),
+                                        "--set", f"max_minutes={args.minutes}"]))
+    for name, cmd in runs:
+        run_dir = Path(cmd[cmd.index("-o") + 1])
+        if (run_dir / "last.pt").exists():
+            print(f"{name}: reusing {run_dir}")
+            seconds = json.loads((run_dir / "bench_seconds.json").read_text())["seconds"]
+        else:
+            seconds = run(cmd, out / f"{run_dir.name}_train.log")
+            (run_dir / "bench_seconds.json").write_text(json.dumps({"seconds": seconds}))
+        pred = out / f"{run_dir.name}_predictions"
+        run([*resunet, "predict", "-m", str(run_dir / "best.pt"), "-i", str(out / "split" / "test" / "images"),
+             "-o", str(pred)], out / f"{run_dir.name}_predict.log")
+        results[name] = {**score(pred, out / "split" / "test" / "labels", names), "train_minutes": seconds / 60}
+        if name == "planned":
+            import yaml
+
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+            results[name]["plan"] = {c["key"]: c["value"] for c in cfg["plan"]["choices"]}
+            results[name]["epochs_run"] = len((run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
+    print(f"MSD Task04 Hippocampus, {len(held)} held-out cases (fixed fifth, seed 0), budget {args.minutes:g} min")
+    for name, r in results.items():
+        print(f"  {name:15s} Anterior {r['Anterior']:.4f}  Posterior {r['Posterior']:.4f}  mean {r['mean']:.4f}  "
+              f"({r['train_minutes']:.1f} min for `resunet train`)")
+    if "plan" in results.get("planned", {}):
+        for key, value in results["planned"]["plan"].items():
+            print(f"    {key}: {value}")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
