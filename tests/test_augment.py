@@ -472,3 +472,55 @@ def test_bad_inputs():
         augment_batch(torch.zeros(2, 8, 8), None)
     with pytest.raises(InputError):
         augment_batch(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9))
+
+
+# ---------------------------------------------------------------- blur, low resolution, per-axis zoom
+
+
+def test_gaussian_blur_known_values_and_per_sample_sigma():
+    from resunet.data.resolution import gaussian_blur
+
+    x = torch.zeros(2, 1, 1, 21)
+    x[:, 0, 0, 10] = 1.0  # an impulse: the blur returns the (normalised) kernel itself
+    y = gaussian_blur(x, torch.tensor([[0.0, 1.0], [0.0, 2.0]]))
+    for i, sigma in enumerate((1.0, 2.0)):
+        k = torch.exp(-0.5 * (torch.arange(-10, 11.0) / sigma) ** 2)
+        radius = int(np.ceil(3 * 2.0))  # one radius for the batch (the largest sigma's)
+        k[(torch.arange(-10, 11).abs() > radius)] = 0
+        assert torch.allclose(y[i, 0, 0], k / k.sum(), atol=1e-6)
+    const = torch.full((3, 2, 5, 6, 7), 4.0)
+    assert torch.allclose(gaussian_blur(const, torch.tensor([0.5, 1.0, 3.0])), const)
+
+
+def test_low_resolution_identity_at_zoom_one_and_blocky_below():
+    from resunet.data.resolution import simulate_low_resolution
+
+    x = torch.randn(2, 1, 16, 16)
+    out = simulate_low_resolution(x, torch.tensor([1.0, 0.5]))
+    assert torch.equal(out[0], x[0]) and out.shape == x.shape
+    # half resolution keeps the mean roughly and removes the finest detail (less variance)
+    assert out[1].std() < x[1].std()
+
+
+def test_new_transforms_off_leave_the_draws_unchanged():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x, m = torch.randn(4, 1, 24, 24), torch.randint(0, 3, (4, 1, 24, 24))
+    cfg = AugmentConfig()
+    assert not cfg.blur.enabled and not cfg.low_resolution.enabled and not cfg.scale.per_axis
+    a = augment_batch(x, m, cfg, g1)
+    b = augment_batch(x, m, AugmentConfig.model_validate(cfg.model_dump()), g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_per_axis_zoom_scales_axes_independently():
+    from resunet.data.augment import make_affine_matrices
+
+    m = make_affine_matrices(torch.zeros(1), torch.tensor([[2.0, 0.5]]), torch.zeros(1, 2, dtype=torch.bool))
+    assert torch.allclose(m[0, :, :2], torch.diag(torch.tensor([0.5, 2.0])))
+    cfg = AugmentConfig.disabled()
+    cfg.scale.enabled, cfg.scale.p, cfg.scale.per_axis = True, 1.0, True
+    x = torch.zeros(1, 1, 33, 33)
+    x[0, 0, 12:21, 12:21] = 1.0  # a square: an anisotropic zoom makes it a rectangle
+    out, _ = augment_batch(x, None, cfg, torch.Generator().manual_seed(1))
+    rows, cols = (out[0, 0] > 0.5).any(dim=1).sum(), (out[0, 0] > 0.5).any(dim=0).sum()
+    assert rows != cols

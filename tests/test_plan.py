@@ -106,13 +106,10 @@ def test_orientation_code():
     assert orientation_code(ras) == "SAR"
 
 
-def _fp(tmp_path, spacing=(1.0, 1.0, 1.0), shape=(12, 20, 20), channel="MRI", n=3, dims=3):
-    root = tmp_path / f"D{spacing[0]}{channel}{shape[0]}"
+def _fp(tmp_path, spacing=(1.0, 1.0, 1.0), shape=(12, 20, 20), channel="MRI", n=3, dims=3, scales=(1.0, 1.0, 1.0)):
+    root = tmp_path / f"D{spacing[0]}{channel}{shape[0]}{scales[1]}"
     for i in range(n):
-        if dims == 3:
-            image, label = blob_case(shape, tuple(s // 2 for s in shape), 3, value_fg=100.0 + i)
-        else:
-            image, label = blob_case(shape, tuple(s // 2 for s in shape), 3, value_fg=100.0 + i)
+        image, label = blob_case(shape, tuple(s // 2 for s in shape), 3, value_fg=(100.0 + i) * scales[i])
         write_case(root, f"c{i}", image, label, spacing=spacing[-dims:])
     write_json(root, {"background": 0, "x": 1}, channel=channel)
     return fingerprint_dataset(find_dataset(root), None, progress=False)
@@ -132,8 +129,13 @@ def test_rule_ct_gets_the_ct_scheme(tmp_path):
     pre, why = rules.plan_preprocessing(_fp(tmp_path, channel="CT"), 10)
     assert pre["modality"] == "ct" and pre["normalization"] == "fixed"
     assert pre["intensity_clip"][0] == pytest.approx(100.0) and pre["intensity_clip"][1] <= 102.0
-    mr, _ = rules.plan_preprocessing(_fp(tmp_path, channel="T2"), 10)
+    # MR in arbitrary units (each case its own scale): per-case z-score
+    mr, _ = rules.plan_preprocessing(_fp(tmp_path, channel="T2", scales=(1.0, 3.0, 20.0)), 10)
     assert mr["normalization"] == "zscore" and "intensity_clip" not in mr
+    # MR on one scale (foreground means 100, 101, 102): one dataset-wide mean / sd
+    same, why = rules.plan_preprocessing(_fp(tmp_path, channel="T2"), 10)
+    assert same["normalization"] == "fixed" and same["intensity_mean"] == [pytest.approx(101.0, abs=0.01)]
+    assert "one intensity scale" in why[-1].reason
 
 
 def test_rule_more_minutes_never_fewer_epochs():

@@ -217,3 +217,25 @@ def test_two_process_ddp_with_torchrun(tiny_dataset, tmp_path):
 def test_example_config_in_the_repository_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "ct_2d.yaml")
     assert cfg.stages[0].batch_size == 16 and cfg.stages[1].patch_size == [256, 256]
+
+
+def test_a_run_behind_its_plan_trains_fewer_epochs_within_the_budget():
+    from resunet.train.config import StageConfig
+    from resunet.train.stages import epochs_that_fit, lr_factor, shrink_last_stages
+
+    # on plan (10 s per epoch, 20 epochs, 200 s): nothing changes; the first epoch alone never decides
+    assert epochs_that_fit(20, 5, 50.0, 200.0) is None
+    assert epochs_that_fit(20, 1, 30.0, 200.0) is None
+    # 12 s per epoch: 4 epochs took 48 s, 152 s left fit 12 more -> 16 in all
+    assert epochs_that_fit(20, 4, 48.0, 200.0) == 16
+    # hopelessly late: at least one more epoch
+    assert epochs_that_fit(20, 4, 199.0, 200.0) == 5
+    stages = [StageConfig(patch_size=[32, 32], batch_size=2, epochs=4),
+              StageConfig(patch_size=[64, 64], batch_size=2, epochs=10, iterations_per_epoch=10)]
+    shrink_last_stages(stages, 9)
+    assert [s.epochs for s in stages] == [4, 5]
+    from resunet.train.config import ScheduleConfig
+
+    factor = lr_factor(ScheduleConfig(kind="poly"), stages)
+    last = 4 * 50 + 5 * 10 - 1
+    assert factor(last) < 0.02 and factor(0) == 1.0  # the recomputed schedule ends at the new last step

@@ -1121,6 +1121,14 @@ def _check_batch(
     return image, mask, squeeze
 
 
+def _apply_bias(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Multiply by the field RELATIVE TO each sample's minimum (its background level):
+    ``(x - min) * field + min``. For raw magnitude images (min 0) this is ``x * field``; for
+    z-scored ones (negative background) it scales the tissue, not the sign of the values."""
+    low = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return (x - low) * field + low
+
+
 def _on_subset(x: torch.Tensor, sel: torch.Tensor, fn) -> torch.Tensor:
     """``fn(x[idx], idx)`` written into the samples where ``sel`` (IN PLACE: ``x`` must be a
     tensor this module created); the other samples are left untouched."""
@@ -1198,11 +1206,8 @@ def augment_batch(
     bc = cfg.bias_field
     sel = _coin(generator, b, bc.p if bc.enabled else 0.0, dev)
     amp = _uniform(generator, (b,), bc.amplitude[0], bc.amplitude[1], dev)
-    img = _on_subset(
-        img, sel,
-        lambda x, i: x
-        * bias_field(shape, amp[i], order=bc.order, generator=generator, device=dev).to(x.dtype),
-    )
+    img = _on_subset(img, sel, lambda x, i: _apply_bias(x, bias_field(
+        shape, amp[i], order=bc.order, generator=generator, device=dev).to(x.dtype)))
 
     br = cfg.brightness
     sel = _coin(generator, b, br.p if br.enabled else 0.0, dev)

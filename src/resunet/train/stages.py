@@ -46,3 +46,30 @@ def lr_factor(schedule: ScheduleConfig, stages: Sequence[StageConfig]) -> Callab
         return scale * max(base, 1e-3)
 
     return factor
+
+
+def epochs_that_fit(total_epochs: int, epochs_done: int, elapsed_s: float, budget_s: float,
+                    tolerance: float = 0.03) -> int | None:
+    """A smaller total number of epochs when the run, at its measured pace so far
+    (``elapsed_s / epochs_done`` per epoch), would overrun ``budget_s`` by more than
+    ``tolerance``; None when it fits. At least one more epoch is kept, so the schedule that is
+    recomputed for the new total still ends at the last step inside (or near) the budget."""
+    if epochs_done < 2 or epochs_done >= total_epochs:  # the first epoch carries the warm-up
+        return None
+    per_epoch = elapsed_s / epochs_done
+    projected = elapsed_s + (total_epochs - epochs_done) * per_epoch
+    if projected <= budget_s * (1 + tolerance):
+        return None
+    fit = int((budget_s - elapsed_s) / per_epoch)
+    return max(epochs_done + 1, epochs_done + fit)
+
+
+def shrink_last_stages(stages: Sequence[StageConfig], total_epochs: int) -> None:
+    """Cut epochs from the end (last stage first, IN PLACE) until the stages hold ``total_epochs``."""
+    excess = sum(s.epochs for s in stages) - total_epochs
+    for stage in reversed(stages):
+        if excess <= 0:
+            break
+        cut = min(excess, stage.epochs - 1)
+        stage.epochs -= cut
+        excess -= cut

@@ -41,7 +41,7 @@ from resunet.train.config import TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from resunet.train.logger import RunLogger
 from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
-from resunet.train.stages import lr_factor, stage_for_epoch
+from resunet.train.stages import epochs_that_fit, lr_factor, shrink_last_stages, stage_for_epoch
 from resunet.train.steps import dice_from_counts, train_step, validation_counts
 
 console = Console(stderr=True)
@@ -248,7 +248,9 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     )
     t_start, epoch_seconds = time.perf_counter(), 0.0
     stop.install()
-    for epoch in range(start_epoch, config.total_epochs):
+    epoch = start_epoch - 1
+    while epoch + 1 < config.total_epochs:  # the total can shrink (`_keep_to_budget`)
+        epoch += 1
         t0 = time.perf_counter()
         over_budget = bool(config.max_minutes) and (t0 - t_start + epoch_seconds) > config.max_minutes * 60
         # every rank must take the same decision, or the others wait forever in a collective
@@ -327,6 +329,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
                 f"{n} {row[f'val_dice_{n}']:.4f}" for n in class_names)
             console.print(f"epoch {epoch + 1:3d}  loss {train_loss:.4f}{dice_text}  ({row['seconds']:.0f} s)")
         barrier(dist_info)
+        if _keep_to_budget(config, epochs_run, epoch + 1, time.perf_counter() - t_start, dist_info):
+            scheduler.lr_lambdas[0] = lr_factor(config.schedule, config.stages)
         if config.early_stopping_patience and bad_validations >= config.early_stopping_patience:
             stopped_early = True
             if dist_info.is_main:
@@ -336,6 +340,31 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
         # no validation cases: the last weights are the best we have
         save_checkpoint(best_path, {k: v for k, v in load_checkpoint(last_path).items() if k != "training_state"})
     return FitResult(run_dir, epochs_run, best, stopped_early)
+
+
+def _keep_to_budget(config: TrainConfig, epochs_run: int, epochs_done: int, elapsed_s: float,
+                    dist_info: DistInfo) -> bool:
+    """A planned run (``config.plan``) with a ``max_minutes`` budget that runs behind its plan
+    trains fewer epochs, with the LR schedule recomputed for the new total, so the schedule still
+    reaches its end inside the budget. Every rank takes rank 0's decision. True when it shrank."""
+    if config.plan is None or not config.max_minutes:
+        return False
+    new_total = epochs_that_fit(config.total_epochs - (epochs_done - epochs_run), epochs_run, elapsed_s,
+                                (config.max_minutes * 60.0))
+    if new_total is not None:
+        new_total += epochs_done - epochs_run  # epochs of an earlier (resumed) process
+    decision = torch.tensor([float(new_total or 0) if dist_info.is_main else 0.0])
+    new_total = int(all_reduce_sum(decision, dist_info)[0])
+    if not new_total:
+        return False
+    old = config.total_epochs
+    shrink_last_stages(config.stages, new_total)
+    if dist_info.is_main:
+        console.print(f"running behind the plan ({elapsed_s / max(epochs_run, 1):.1f} s per epoch): "
+                      f"{config.total_epochs} epochs instead of {old}, the LR schedule recomputed to end in the budget")
+        with atomic_write(Path(config.output_dir) / "config.yaml") as tmp:
+            Path(tmp).write_text(dump_config(config))
+    return True
 
 
 def _training_state(optimizer, scheduler, scaler, best, bad_validations) -> dict[str, Any]:
