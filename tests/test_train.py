@@ -223,13 +223,15 @@ def test_a_run_behind_its_plan_trains_fewer_epochs_within_the_budget():
     from resunet.train.config import StageConfig
     from resunet.train.stages import epochs_that_fit, lr_factor, shrink_last_stages
 
-    # on plan (10 s per epoch, 20 epochs, 200 s): nothing changes; the first epoch alone never decides
-    assert epochs_that_fit(20, 5, 50.0, 200.0) is None
-    assert epochs_that_fit(20, 1, 30.0, 200.0) is None
+    # on plan (10 s per epoch, 20 epochs, 200 s): nothing changes; no pace yet: nothing decided
+    assert epochs_that_fit(20, 5, 50.0, 200.0, 10.0) is None
+    assert epochs_that_fit(20, 1, 90.0, 200.0, None) is None
+    # a slow first epoch (set-up) but on pace since: 3 epochs in 45 s, then 10 s each -> fits
+    assert epochs_that_fit(20, 3, 45.0, 200.0, 8.0) is None
     # 12 s per epoch: 4 epochs took 48 s, 152 s left fit 12 more -> 16 in all
-    assert epochs_that_fit(20, 4, 48.0, 200.0) == 16
+    assert epochs_that_fit(20, 4, 48.0, 200.0, 12.0) == 16
     # hopelessly late: at least one more epoch
-    assert epochs_that_fit(20, 4, 199.0, 200.0) == 5
+    assert epochs_that_fit(20, 4, 199.0, 200.0, 12.0) == 5
     stages = [StageConfig(patch_size=[32, 32], batch_size=2, epochs=4),
               StageConfig(patch_size=[64, 64], batch_size=2, epochs=10, iterations_per_epoch=10)]
     shrink_last_stages(stages, 9)

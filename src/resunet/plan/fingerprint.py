@@ -7,7 +7,8 @@ Per channel: intensity statistics of the FOREGROUND voxels (label > 0) pooled ov
 from at most `SAMPLES_PER_CASE` voxels per case (as nnU-Net): mean, sd, 0.5 / 50 / 99.5
 percentiles, min, max; plus the per-case foreground means and sds (how much cases differ).
 Per class: the mean fraction of voxels it covers, the number of cases it appears in and the
-median number of connected components per case where it appears.
+median number of connected components per case where it appears (-1 where counting them would
+be slow: more than `COMPONENT_BUDGET` voxels x classes in a case).
 Modality per channel from the dataset's channel names (`modality_from_name`).
 
 `fingerprint_dataset` reads every case once (two threads) and caches the result as JSON under
@@ -45,6 +46,8 @@ __all__ = [
 
 FINGERPRINT_VERSION = 1
 SAMPLES_PER_CASE = 10_000
+#: voxels x classes per case up to which connected components are counted
+COMPONENT_BUDGET = 200_000_000
 
 #: channel-name patterns -> modality, checked in this order (case-insensitive, whole words)
 _MODALITY_PATTERNS: list[tuple[str, str]] = [
@@ -192,10 +195,12 @@ def _case_record(case: Case, info: DatasetInfo, seed: int) -> dict[str, Any]:
     classes: dict[int, tuple[float, int]] = {}
     if lab is not None:
         values, counts = np.unique(lab, return_counts=True)
+        # components cost one labelling pass per class: skipped (-1) where that would be slow
+        count_components = lab.size * max(1, len(values) - 1) <= COMPONENT_BUDGET
         for v, k in zip(values.tolist(), counts.tolist()):
             if v == 0:
                 continue
-            components = ndimage.label(lab == v)[1] if lab.size <= 64_000_000 else 1
+            components = ndimage.label(lab == v)[1] if count_components else -1
             classes[int(v)] = (k / lab.size, int(components))
     return {
         "case": CaseFingerprint(
@@ -304,7 +309,7 @@ def _combine(info: DatasetInfo, records: list[dict[str, Any]]) -> DatasetFingerp
             name=name, value=value,
             voxel_fraction=float(np.sum([p[0] for p in present]) / len(records)),
             cases_present=len(present),
-            median_components=float(np.median([p[1] for p in present])) if present else 0.0,
+            median_components=float(np.median([p[1] for p in present])) if present and min(p[1] for p in present) >= 0 else -1.0,
         ))
     return DatasetFingerprint(
         root=str(info.root), layout=info.layout, spatial_ndim=spatial_ndim, labels=dict(info.labels),

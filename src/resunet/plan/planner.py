@@ -251,7 +251,8 @@ def plan_dataset(
     if val_cases:
         choices.append(Choice("val_interval", val_interval,
                               f"every {val_interval} epochs (~{validation_s:.0f} s per validation of {val_cases} cases)"))
-    augment, why = rules.plan_augmentation(fp, candidate["mode"], n_train)
+    augment, why = rules.plan_augmentation(fp, candidate["mode"], n_train,
+                                           one_scale=any(c.value == rules.ONE_SCALE for c in choices))
     choices.append(why)
     tree["augment"] = augment
     warmup = max(10, int(0.02 * epochs * per_epoch))

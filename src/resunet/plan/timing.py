@@ -49,7 +49,7 @@ def time_training(
     out_channels: int,
     *,
     amp: bool,
-    repeats: int = 5,
+    repeats: int = 8,
     warmup: int = 1,
     model: torch.nn.Module | None = None,
     device: torch.device | str = "cpu",
@@ -95,7 +95,7 @@ class PrecisionChoice:
 
 def choose_precision(
     config: TrainConfig, cases: Sequence, in_channels: int, out_channels: int,
-    device: torch.device | str = "cpu", bf16_available: bool | None = None, repeats: int = 5,
+    device: torch.device | str = "cpu", bf16_available: bool | None = None, repeats: int = 8,
 ) -> PrecisionChoice:
     """fp32 or bf16 autocast for ``config`` on this machine: timed, and guarded numerically."""
     from resunet.nets import build_model

@@ -49,18 +49,18 @@ def lr_factor(schedule: ScheduleConfig, stages: Sequence[StageConfig]) -> Callab
 
 
 def epochs_that_fit(total_epochs: int, epochs_done: int, elapsed_s: float, budget_s: float,
-                    tolerance: float = 0.03) -> int | None:
-    """A smaller total number of epochs when the run, at its measured pace so far
-    (``elapsed_s / epochs_done`` per epoch), would overrun ``budget_s`` by more than
-    ``tolerance``; None when it fits. At least one more epoch is kept, so the schedule that is
-    recomputed for the new total still ends at the last step inside (or near) the budget."""
-    if epochs_done < 2 or epochs_done >= total_epochs:  # the first epoch carries the warm-up
+                    pace_s: float | None, tolerance: float = 0.05) -> int | None:
+    """A smaller total number of epochs when the run, at ``pace_s`` seconds per epoch (measured
+    on the epochs after the first, which carries one-off set-up: first plot, first save, warm-up),
+    would overrun ``budget_s`` by more than ``tolerance``; None when it fits or no pace is known
+    yet. At least one more epoch is kept; the schedule recomputed for the new total then ends at
+    the last step inside the budget."""
+    if pace_s is None or epochs_done >= total_epochs:
         return None
-    per_epoch = elapsed_s / epochs_done
-    projected = elapsed_s + (total_epochs - epochs_done) * per_epoch
+    projected = elapsed_s + (total_epochs - epochs_done) * pace_s
     if projected <= budget_s * (1 + tolerance):
         return None
-    fit = int((budget_s - elapsed_s) / per_epoch)
+    fit = int((budget_s - elapsed_s) / pace_s)
     return max(epochs_done + 1, epochs_done + fit)
 
 

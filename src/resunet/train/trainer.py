@@ -247,6 +247,7 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
         batch_size=config.val_batch_size, amp=config.amp,
     )
     t_start, epoch_seconds = time.perf_counter(), 0.0
+    t_first_end = t_start
     stop.install()
     epoch = start_epoch - 1
     while epoch + 1 < config.total_epochs:  # the total can shrink (`_keep_to_budget`)
@@ -329,7 +330,11 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
                 f"{n} {row[f'val_dice_{n}']:.4f}" for n in class_names)
             console.print(f"epoch {epoch + 1:3d}  loss {train_loss:.4f}{dice_text}  ({row['seconds']:.0f} s)")
         barrier(dist_info)
-        if _keep_to_budget(config, epochs_run, epoch + 1, time.perf_counter() - t_start, dist_info):
+        now = time.perf_counter()
+        if epochs_run == 1:
+            t_first_end = now
+        pace = (now - t_first_end) / (epochs_run - 1) if epochs_run >= 3 else None
+        if _keep_to_budget(config, epochs_run, epoch + 1, now - t_start, pace, dist_info):
             scheduler.lr_lambdas[0] = lr_factor(config.schedule, config.stages)
         if config.early_stopping_patience and bad_validations >= config.early_stopping_patience:
             stopped_early = True
@@ -343,14 +348,14 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
 
 
 def _keep_to_budget(config: TrainConfig, epochs_run: int, epochs_done: int, elapsed_s: float,
-                    dist_info: DistInfo) -> bool:
+                    pace_s: float | None, dist_info: DistInfo) -> bool:
     """A planned run (``config.plan``) with a ``max_minutes`` budget that runs behind its plan
     trains fewer epochs, with the LR schedule recomputed for the new total, so the schedule still
     reaches its end inside the budget. Every rank takes rank 0's decision. True when it shrank."""
     if config.plan is None or not config.max_minutes:
         return False
     new_total = epochs_that_fit(config.total_epochs - (epochs_done - epochs_run), epochs_run, elapsed_s,
-                                (config.max_minutes * 60.0))
+                                config.max_minutes * 60.0, pace_s)
     if new_total is not None:
         new_total += epochs_done - epochs_run  # epochs of an earlier (resumed) process
     decision = torch.tensor([float(new_total or 0) if dist_info.is_main else 0.0])
@@ -360,7 +365,7 @@ def _keep_to_budget(config: TrainConfig, epochs_run: int, epochs_done: int, elap
     old = config.total_epochs
     shrink_last_stages(config.stages, new_total)
     if dist_info.is_main:
-        console.print(f"running behind the plan ({elapsed_s / max(epochs_run, 1):.1f} s per epoch): "
+        console.print(f"running behind the plan ({pace_s:.1f} s per epoch): "
                       f"{config.total_epochs} epochs instead of {old}, the LR schedule recomputed to end in the budget")
         with atomic_write(Path(config.output_dir) / "config.yaml") as tmp:
             Path(tmp).write_text(dump_config(config))
