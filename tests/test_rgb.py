@@ -9,18 +9,13 @@ small; the masks come from a colour rule (reddish pixels), so there is something
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2 as httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 import yaml
 from PIL import Image
 from skimage import data as skdata
@@ -33,6 +28,7 @@ from resunet.infer.predictor import Predictor
 from resunet.nets import build_model, model_config
 from resunet.serve.http import create_app
 from resunet.train.checkpoint import save_checkpoint
+from test_serve_http import running  # the real uvicorn server on a free loopback port
 
 TIMEOUT = 30.0
 
@@ -130,26 +126,6 @@ def predict(model: Path, source: Path, out: Path, capsys, *extra: str) -> tuple[
 
 def masks(folder: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
-
-
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-        sock.close()
 
 
 def upload(url: str, path: Path) -> httpx.Response:
