@@ -24,6 +24,7 @@ from rich.table import Table
 
 from resunet.data.cache import build_cache
 from resunet.data.datasets import DatasetInfo, find_dataset, read_label, validate_dataset
+from resunet.data.preprocess import PreprocessConfig
 from resunet.errors import InputError
 from resunet.plan import rules
 from resunet.plan.fingerprint import DatasetFingerprint, fingerprint_dataset
@@ -78,21 +79,17 @@ def _show(value: Any) -> str:
 
 
 def _label_layout(info: DatasetInfo, fp: DatasetFingerprint) -> int:
-    """Output channels; checks the labels (consecutive values, every class somewhere)."""
-    values = sorted(info.labels.values())
-    if values != list(range(len(values))) or len(values) < 2:
-        raise InputError(
-            f"{info.dataset_json or info.root}: labels must be 0 (background), 1, ..., K-1 without gaps, "
-            f"got {dict(sorted(info.labels.items(), key=lambda kv: kv[1]))}; renumber the label maps and "
-            "dataset.json (e.g. 0, 1, 5 -> 0, 1, 2)"
-        )
+    """Output channels (`label_layout`'s check of the label values), and every class somewhere."""
+    from resunet.train.trainer import label_layout
+
+    out_channels = label_layout(info)[1]
     missing = [c.name for c in fp.classes if c.cases_present == 0]
     if missing:
         raise InputError(
             f"{info.root}: class(es) {missing} appear in no training label map; remove them from "
             "dataset.json's labels (and renumber) or add cases that contain them"
         )
-    return 1 if len(values) == 2 else len(values)
+    return out_channels
 
 
 def _check_images(fp: DatasetFingerprint, info: DatasetInfo) -> None:
@@ -151,7 +148,7 @@ def plan_dataset(
     choices.append(Choice("loss", "Dice + CE", "nnU-Net's loss; +0.002 Dice over Dice + focal in the demo"))
 
     # the cache: built now with the planned preprocessing (training reuses it)
-    index = build_cache(info.training, preprocess_config(preprocess), cache,
+    index = build_cache(info.training, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
     in_channels = int(cases[0].image.shape[0])
@@ -294,12 +291,6 @@ def _macs(candidate: dict[str, Any], in_channels: int, out_channels: int) -> flo
     net = build_model("resunet", spatial_dims=dims, in_channels=channels, out_channels=out_channels,
                       base_channels=candidate["base_channels"], depth=candidate["depth"])
     return float(count_macs(net, (1, channels, *candidate["patch_size"]))) * candidate["batch_size"]
-
-
-def preprocess_config(tree: dict[str, Any]):
-    from resunet.data.preprocess import PreprocessConfig
-
-    return PreprocessConfig.model_validate(tree)
 
 
 def _candidate_config(tree: dict[str, Any], candidate: dict[str, Any], fp: DatasetFingerprint, n_train: int,

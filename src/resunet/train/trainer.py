@@ -85,7 +85,8 @@ def label_layout(info: DatasetInfo) -> tuple[dict[str, int], int]:
     values = sorted(labels.values())
     if values != list(range(len(values))) or len(values) < 2:
         raise InputError(
-            f"{info.root}: labels must be consecutive values 0..K-1 with 0 = background, got {labels}"
+            f"{info.dataset_json or info.root}: labels must be 0 (background), 1, ..., K-1 without gaps, "
+            f"got {labels}; renumber the label maps and dataset.json (e.g. 0, 1, 5 -> 0, 1, 2)"
         )
     return labels, 1 if len(values) == 2 else len(values)
 
