@@ -161,7 +161,7 @@ def train_checkpoint(args: argparse.Namespace, workdir: Path) -> dict:
     from resunet.data.augment import AugmentConfig
     from resunet.data.io import write_volume
     from resunet.data.volume import Volume
-    from resunet.train.checkpoint import load_checkpoint
+    from resunet.model.checkpoint import load_checkpoint
     from resunet.train.config import config_from_dict
     from resunet.train.trainer import fit
 
@@ -199,7 +199,7 @@ def cached_training(args: argparse.Namespace, workdir: Path) -> dict:
     import hashlib
     import inspect
 
-    from resunet.train.checkpoint import load_checkpoint, save_checkpoint
+    from resunet.model.checkpoint import load_checkpoint, save_checkpoint
 
     recipe = json.dumps([args.size, args.base, args.mode, args.train_epochs, TRAIN_CASES, TRAIN_SLICES,
                          inspect.getsource(synthetic_ct), inspect.getsource(train_checkpoint)])
@@ -218,7 +218,7 @@ def make_case(args: argparse.Namespace, workdir: Path) -> dict:
     from resunet.data.io import write_volume
     from resunet.data.volume import Volume
     from resunet.nets import build_model, count_parameters, model_config
-    from resunet.train.checkpoint import save_checkpoint
+    from resunet.model.checkpoint import save_checkpoint
 
     volume, truth = synthetic_ct(args.depth_slices, args.size)
     warmup, _ = synthetic_ct(WARMUP_SHAPE[0], WARMUP_SHAPE[1], seed=SEED + 1)
@@ -349,7 +349,7 @@ def child_monai(args: argparse.Namespace, workdir: Path) -> dict:
 
     from resunet.data.preprocess import CT_WINDOW_PRESETS, window_ct
     from resunet.nets import build_model
-    from resunet.train.checkpoint import load_checkpoint
+    from resunet.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(workdir / "model.pt")
     cfg = dict(ckpt["model"])

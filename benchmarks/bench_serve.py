@@ -56,7 +56,7 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 def make_inputs(folder: Path, size: int, base: int) -> tuple[Path, Path]:
     """Checkpoint of a seeded random 2-D ResUNet and one synthetic PNG."""
     from resunet.nets import build_model, count_parameters, model_config
-    from resunet.train.checkpoint import save_checkpoint
+    from resunet.model.checkpoint import save_checkpoint
 
     torch.manual_seed(SEED)
     model = build_model("resunet", spatial_dims=2, in_channels=1, out_channels=3, base_channels=base)

@@ -30,7 +30,7 @@ ours   (exactly what ``resunet train`` does per iteration, `resunet.train.traine
            voxels, crop to non-zero; written as .npy; reused when ``--workdir`` already holds it)
            + `CacheIndex.load` (memory maps); ``PatchSampler(cases, (size, size), batch,
            foreground_fraction=0.33, seed=0)`` with the per-epoch RNGs of
-           `epoch_generators(seed=0, epoch=0)`.
+           `augment_generator(seed=0, epoch=0)`.
     iteration: `make_batch` (the trainer's own function: ``sampler.sample()`` -- 16 random axial
            slices read from the memory maps, a third centred on foreground -- then
            `augment_batch` on the batch, in the main process, no DataLoader: the trainer has none)
@@ -201,7 +201,7 @@ def side_ours(args) -> Side:
     from resunet.data.datasets import find_dataset, read_label
     from resunet.data.preprocess import PreprocessConfig
     from resunet.data.sampling import PatchSampler
-    from resunet.train.trainer import epoch_generators, make_batch
+    from resunet.train.trainer import augment_generator, make_batch
 
     augment = _augment_config(args.prob_one)
     t0 = time.perf_counter()
@@ -210,7 +210,8 @@ def side_ours(args) -> Side:
                         progress=False, label_reader=lambda path: read_label(path, info))
     sampler = PatchSampler(index.cases(), (args.size, args.size), args.batch,
                            foreground_fraction=0.33, context=0, seed=0)
-    sampler.rng, generator = epoch_generators(SEED, 0, 0)
+    sampler.reseed(SEED, 0, 0)
+    generator = augment_generator(SEED, 0, 0)
     setup_s = time.perf_counter() - t0
     return Side(args, lambda: make_batch(sampler, augment, generator, "cpu"), setup_s)
 

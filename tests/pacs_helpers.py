@@ -26,7 +26,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, SegmentationStorage, Verification
 
 from resunet.nets import build_model, model_config
-from resunet.train.checkpoint import save_checkpoint
+from resunet.model.checkpoint import save_checkpoint
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from resunet.data import augment as A
+from resunet.data.augment import spatial as S
 from resunet.data.augment import (
     AugmentConfig,
     add_gaussian_noise,
@@ -183,8 +183,8 @@ def test_flip_through_grid_sample_matches_torch_flip():
     img, _, _ = _camera_batch(1)
     flips = torch.tensor([[False, True]])
     mats = make_affine_matrices(torch.zeros(1), torch.ones(1), flips)
-    theta = A._normalised_theta(mats, img.shape[2:])
-    out = F.grid_sample(img, A._affine_grid(theta, img.shape[2:]), align_corners=True)
+    theta = S._normalised_theta(mats, img.shape[2:])
+    out = F.grid_sample(img, S._affine_grid(theta, img.shape[2:]), align_corners=True)
     torch.testing.assert_close(out, torch.flip(img, [-1]), atol=1e-5, rtol=0)
 
 
@@ -264,8 +264,8 @@ def test_affine_grid_matches_torch(shape):
     b, n = 3, len(shape)
     theta = torch.randn(b, n, n + 1, generator=_gen(4))
     ref = F.affine_grid(theta, [b, 1, *shape], align_corners=True)
-    torch.testing.assert_close(A._affine_grid(theta, shape), ref, atol=1e-6, rtol=0)
-    first = A._affine_grid(theta, shape, channels_first=True)
+    torch.testing.assert_close(S._affine_grid(theta, shape), ref, atol=1e-6, rtol=0)
+    first = S._affine_grid(theta, shape, channels_first=True)
     torch.testing.assert_close(first.movedim(1, -1), ref, atol=1e-6, rtol=0)
 
 
@@ -305,16 +305,16 @@ def test_fused_coarse_grid_equals_full_resolution_path(shape):
     n = len(shape)
     alpha, sigma = torch.tensor([3.0, 5.0]), torch.tensor([6.0, 9.0])
     full = elastic_displacement(shape, alpha, sigma, generator=_gen(8))
-    coarse = A._coarse_displacement(shape, alpha, sigma, True, _gen(8), torch.device("cpu"))
+    coarse = S._coarse_displacement(shape, alpha, sigma, True, _gen(8), torch.device("cpu"))
     assert coarse.shape[2:] != shape  # really coarse
     mats = random_affine_matrices(2, n, rotation_p=1.0, zoom_p=1.0, flip_p=0.5, generator=_gen(9))
-    theta = A._normalised_theta(mats, shape)
+    theta = S._normalised_theta(mats, shape)
     torch.testing.assert_close(
-        A._deformed_grid(theta, coarse, shape), A._deformed_grid(theta, full, shape),
+        S._deformed_grid(theta, coarse, shape), S._deformed_grid(theta, full, shape),
         atol=2e-6, rtol=0,
     )
     img = torch.rand(2, 1, *shape, generator=_gen(1))
-    ref = F.grid_sample(img, A._deformed_grid(theta, full, shape), align_corners=True)
+    ref = F.grid_sample(img, S._deformed_grid(theta, full, shape), align_corners=True)
     torch.testing.assert_close(apply_spatial(img, None, mats, full)[0], ref)
 
 
@@ -478,7 +478,7 @@ def test_bad_inputs():
 
 
 def test_gaussian_blur_known_values_and_per_sample_sigma():
-    from resunet.data.resolution import gaussian_blur
+    from resunet.data.augment.resolution import gaussian_blur
 
     x = torch.zeros(2, 1, 1, 21)
     x[:, 0, 0, 10] = 1.0  # an impulse: the blur returns the (normalised) kernel itself
@@ -493,7 +493,7 @@ def test_gaussian_blur_known_values_and_per_sample_sigma():
 
 
 def test_low_resolution_identity_at_zoom_one_and_blocky_below():
-    from resunet.data.resolution import simulate_low_resolution
+    from resunet.data.augment.resolution import simulate_low_resolution
 
     x = torch.randn(2, 1, 16, 16)
     out = simulate_low_resolution(x, torch.tensor([1.0, 0.5]))

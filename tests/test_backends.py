@@ -10,10 +10,11 @@ import torch
 
 from resunet.data.io import read_volume
 from resunet.errors import ConfigError
+from resunet import hardware
 from resunet.infer import backends
 from resunet.infer.predictor import Predictor
 from resunet.nets import build_model, model_config
-from resunet.train.checkpoint import save_checkpoint
+from resunet.model.checkpoint import save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -89,12 +90,12 @@ def test_a_backend_whose_masks_differ_is_never_chosen(tmp_path, monkeypatch):
     assert choice.dice["channels_last"] < 0.999 and net is model
 
 
-def test_threads_and_bad_backend_names():
-    assert 1 <= backends.physical_cores() <= os.cpu_count()
-    assert backends.set_threads(1) == 1 and torch.get_num_threads() == 1
-    backends.set_threads()
+def test_threads_and_bad_backend_names(tmp_path):
+    assert 1 <= hardware.physical_cores() <= os.cpu_count()
+    assert hardware.set_threads(1) == 1 and torch.get_num_threads() == 1
+    hardware.set_threads()
     with pytest.raises(ConfigError, match="backend 'tensorrt8' is not available"):
-        Predictor({"model": {}}, backend="tensorrt8")
+        Predictor.from_file(checkpoint(tmp_path / "m.pt"), backend="tensorrt8")
 
 
 @pytest.mark.skipif(backends.tensorrt_available(), reason="a TensorRT-capable GPU is present")

@@ -43,10 +43,10 @@ from resunet.cli import main as cli_main
 from resunet.data.datasets import find_dataset, validate_dataset
 from resunet.data.io import read_volume
 from resunet.errors import ModelError
-from resunet.export.onnx import OnnxNetwork
+from resunet.model.onnx_file import OnnxNetwork
 from resunet.infer.predictor import Predictor
 from resunet.nets import build_model, model_config
-from resunet.train.checkpoint import load_checkpoint, save_checkpoint
+from resunet.model.checkpoint import load_checkpoint, save_checkpoint
 from resunet.train.config import load_config, parse_overrides
 from test_predict import LABELS, make_checkpoint
 

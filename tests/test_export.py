@@ -14,11 +14,12 @@ import torch
 
 from resunet.data.io import read_volume
 from resunet.errors import ModelError
-from resunet.export.onnx import METADATA_KEY, OnnxNetwork, export_onnx
+from resunet.export.onnx import export_onnx
+from resunet.model.onnx_file import METADATA_KEY, OnnxNetwork
 from resunet.export.torchscript import EXTRA_FILE
 from resunet.infer.predictor import Predictor
 from resunet.nets import build_model, model_config
-from resunet.train.checkpoint import save_checkpoint
+from resunet.model.checkpoint import save_checkpoint
 
 LABELS = {"background": 0, "liver": 1, "lesion": 2}
 

@@ -237,6 +237,7 @@ def test_predict_sees_every_scan_at_the_training_geometry(tmp_path):
 
     from resunet.data.io import read_volume
     from resunet.infer.predictor import Predictor
+    from resunet.model import model_from_checkpoint
     from resunet.nets import build_model, model_config
 
     torch.manual_seed(0)
@@ -253,7 +254,7 @@ def test_predict_sees_every_scan_at_the_training_geometry(tmp_path):
         "labels": {"background": 0, "a": 1, "b": 2},
         "inference": {"mode": "2d", "context": 1, "patch_size": [16, 16]},
     }
-    predictor = Predictor(checkpoint, backend="eager")
+    predictor = Predictor(model_from_checkpoint(checkpoint), backend="eager")
     rng = np.random.default_rng(0)
     data = rng.normal(100, 20, size=(10, 12, 7)).astype(np.float32)  # NIfTI (i, j, k)
     canonical = np.diag([-1.0, -1.0, 2.0, 1.0])  # RAS: LPS-flipped x, y; 2 mm slices along k

@@ -16,7 +16,7 @@ from resunet.evaluation import evaluate_folders
 from resunet.infer.predictor import Predictor
 from resunet.metrics import compute_all
 from resunet.nets import build_model, model_config
-from resunet.train.checkpoint import save_checkpoint
+from resunet.model.checkpoint import save_checkpoint
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 

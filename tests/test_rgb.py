@@ -27,7 +27,7 @@ from resunet.data.datasets import find_dataset, load_case, validate_dataset
 from resunet.infer.predictor import Predictor
 from resunet.nets import build_model, model_config
 from resunet.serve.http import create_app
-from resunet.train.checkpoint import save_checkpoint
+from resunet.model.checkpoint import save_checkpoint
 from test_serve_http import running  # the real uvicorn server on a free loopback port
 
 TIMEOUT = 30.0

@@ -6,10 +6,10 @@ from resunet.data.preprocess import PreprocessedCase
 from resunet.data.sampling import (
     PatchSampler,
     crop_patch,
-    extract_slices,
     foreground_locations,
     sample_patch_centres,
     slice_indices,
+    stack_context,
 )
 from resunet.errors import ConfigError, InputError
 
@@ -32,21 +32,33 @@ def test_slice_indices_stride():
         slice_indices(10, stride=0)
 
 
-def test_extract_slices_context_and_edges():
-    image, label = _volume_with_slice_ids()
-    stacks, labels = extract_slices(image, label, [0, 3, 5], context=2)
-    assert stacks.shape == (3, 2 * 5, 5, 4) and labels.shape == (3, 5, 4)
+def test_stack_context_order_and_edges():
+    image, _ = _volume_with_slice_ids()
+    stacks = stack_context(image, [0, 3, 5], context=2)
+    assert stacks.shape == (3, 2 * 5, 5, 4)
     seen = stacks[:, :, 0, 0]
     # channel-major: channel c of slice z + j - k at c * (2k + 1) + j; edges replicated
     np.testing.assert_array_equal(seen[0], [0, 0, 0, 1, 2, 100, 100, 100, 101, 102])
     np.testing.assert_array_equal(seen[1], [1, 2, 3, 4, 5, 101, 102, 103, 104, 105])
     np.testing.assert_array_equal(seen[2], [3, 4, 5, 5, 5, 103, 104, 105, 105, 105])
-    np.testing.assert_array_equal(labels[:, 0, 0], [0, 3, 5])
-    flat, none = extract_slices(image, None, slice_indices(6, stride=2), context=0)
-    assert none is None and flat.shape == (3, 2, 5, 4)
+    flat = stack_context(image, slice_indices(6, stride=2), context=0)
+    assert flat.shape == (3, 2, 5, 4)
     np.testing.assert_array_equal(flat[:, 0, 0, 0], [0, 2, 4])
     with pytest.raises(InputError):
-        extract_slices(image, label, [6])
+        stack_context(image, [6], 1)
+
+
+def test_sampler_stacks_like_inference():
+    """A 2.5-D training patch holds exactly what inference's stack_context gives for its slice."""
+    image, label = _volume_with_slice_ids(c=2, d=6, h=8, w=8)
+    image = image + np.random.default_rng(0).normal(size=image.shape).astype(np.float32)
+    case = PreprocessedCase(image, label.copy(), (1.0, 1.0, 1.0), {})
+    sampler = PatchSampler([case], (8, 8), 6, 0.0, context=2, seed=3)
+    images, labels = sampler.sample()
+    for b in range(images.shape[0]):
+        z = int(labels[b, 0, 0, 0])
+        expected = stack_context(image, [z], 2)[0]
+        np.testing.assert_array_equal(np.asarray(images[b]), expected)
 
 
 def test_crop_patch_pads_at_borders():

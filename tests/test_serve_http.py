@@ -27,7 +27,7 @@ from resunet.data.io import read_volume
 from resunet.infer.predictor import Predictor
 from resunet.nets import build_model, model_config
 from resunet.serve.http import create_app
-from resunet.train.checkpoint import save_checkpoint
+from resunet.model.checkpoint import save_checkpoint
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 TIMEOUT = 30.0  # seconds: any single wait in these tests; reached only when something is broken

@@ -13,7 +13,8 @@ import yaml
 from resunet import ResunetError
 from resunet.demo import prepare_dataset
 from resunet.infer.predictor import Predictor
-from resunet.train.checkpoint import load_checkpoint, save_checkpoint
+from resunet.model.checkpoint import load_checkpoint, save_checkpoint
+from resunet.model.load import model_from_checkpoint
 from resunet.train.config import config_from_dict, load_config, parse_overrides
 from resunet.train.stages import lr_factor, stage_for_epoch
 from resunet.train.trainer import fit
@@ -211,7 +212,7 @@ def test_two_process_ddp_with_torchrun(tiny_dataset, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt["epoch"] >= 1
     assert len(read_metrics(tmp_path / "run")) == 2  # one writer: rank 0
-    Predictor(ckpt)  # the rank-0 checkpoint loads into a model
+    Predictor(model_from_checkpoint(ckpt))  # the rank-0 checkpoint loads into a model
 
 
 def test_example_config_in_the_repository_is_valid():

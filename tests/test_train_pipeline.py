@@ -1,7 +1,7 @@
 """Determinism guard of the training input pipeline (cache -> PatchSampler -> augment_batch).
 
 Runs exactly what the training loop runs per iteration (`trainer.make_batch` with the per-epoch
-RNGs from `trainer.epoch_generators`) on a small crop of the demo's real MRI, with every spatial
+RNGs from `trainer.augment_generator`) on a small crop of the demo's real MRI, with every spatial
 transform (rotation, zoom, flips, elastic) and gamma switched on with probability 1.
 """
 
@@ -17,7 +17,7 @@ from resunet.data.datasets import find_dataset, read_label
 from resunet.data.preprocess import PreprocessConfig
 from resunet.data.sampling import PatchSampler
 from resunet.demo import LABELS, prepare_dataset
-from resunet.train.trainer import epoch_generators, make_batch
+from resunet.train.trainer import augment_generator, make_batch
 
 BOX = (slice(80, 144), slice(60, 124))  # 64 x 64 voxels through cortex and white matter
 PATCH, BATCH, CONTEXT = (48, 48), 8, 1
@@ -46,7 +46,8 @@ def batches(cases, seed: int, epoch: int = 0, rank: int = 0, n: int = 2, augment
     """``n`` batches of one epoch, built as `trainer._fit` builds them (fresh sampler per stage,
     then the epoch's RNGs)."""
     sampler = PatchSampler(cases, PATCH, BATCH, foreground_fraction=0.5, context=CONTEXT, seed=0)
-    sampler.rng, generator = epoch_generators(seed, epoch, rank)
+    sampler.reseed(seed, epoch, rank)
+    generator = augment_generator(seed, epoch, rank)
     augment = full_augment() if augment is None else augment
     return [make_batch(sampler, augment, generator, "cpu") for _ in range(n)]
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from resunet import cli
-from resunet.train.checkpoint import load_checkpoint
+from resunet.model.checkpoint import load_checkpoint
 from resunet.train.config import config_from_dict
 from resunet.train.signals import StopRequest, TrainingInterrupted
 from resunet.train.trainer import fit

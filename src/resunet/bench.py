@@ -47,8 +47,8 @@ def synthetic_ct(slices: int, size: int, seed: int = 0) -> np.ndarray:
 def make_checkpoint(path: Path, base: int, seed: int = 0) -> Path:
     """Seeded random 2-D ResUNet checkpoint; head bias centred on windowed CT-like input."""
     from resunet.data.preprocess import CT_WINDOW_PRESETS, window_ct
-    from resunet.nets import build_model, model_config
-    from resunet.train.checkpoint import save_checkpoint
+    from resunet.model import ModelSpec, checkpoint_payload, save_checkpoint
+    from resunet.nets import build_model
 
     torch.manual_seed(seed)
     model = build_model("resunet", spatial_dims=2, in_channels=1, out_channels=3, base_channels=base).eval()
@@ -56,29 +56,24 @@ def make_checkpoint(path: Path, base: int, seed: int = 0) -> Path:
         x = torch.from_numpy(window_ct(synthetic_ct(1, 128, seed + 1), *CT_WINDOW_PRESETS["abdomen"]))[None]
         logits = model(x)
         model.head.bias -= logits.transpose(0, 1).flatten(1).median(dim=1).values
-    save_checkpoint(path, {
-        "state_dict": model.state_dict(), "model": model_config(model),
-        "preprocess": {"modality": "ct", "ct_window": "abdomen", "crop_to_nonzero": False},
-        "labels": LABELS, "inference": {"mode": "2d", "context": 0, "patch_size": [256, 256]},
-    })
+    spec = ModelSpec.for_network(model, preprocess={"modality": "ct", "ct_window": "abdomen", "crop_to_nonzero": False},
+                                 labels=LABELS, inference={"mode": "2d", "context": 0, "patch_size": [256, 256]})
+    save_checkpoint(path, checkpoint_payload(spec, model.state_dict()))
     return path
 
 
 def class_dice(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    out = {}
-    for name, v in LABELS.items():
-        if v:
-            x, y = a == v, b == v
-            total = int(x.sum() + y.sum())
-            out[name] = 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
-    return out
+    """Dice per foreground class of `LABELS` between two label maps."""
+    from resunet.metrics import dice
+
+    return {name: dice(a == v, b == v) for name, v in LABELS.items() if v}
 
 
 def bench_backends(base: int = 64, size: int = 256, slices: int = 16, repeats: int = 3,
                    batch_size: int = 8) -> dict:
     """Run the benchmark described in the module docstring; returns the figures."""
     from resunet.data.volume import Volume
-    from resunet.infer.backends import set_threads
+    from resunet.hardware import set_threads
     from resunet.infer.predictor import Predictor
 
     threads = set_threads()

@@ -217,19 +217,14 @@ def predict(
 
     Pictures (PNG, JPEG, RGB or grey) give PNG masks of the same size and name.
     """
-    from resunet.infer.run import predict_inputs
+    from resunet.hardware import set_threads
     from resunet.infer.predictor import PostprocessConfig, Predictor
+    from resunet.infer.run import predict_inputs
 
     if batch_size < 1:
         raise ResunetError(f"--batch-size must be >= 1, got {batch_size}")
     if min_size < 0:
         raise ResunetError(f"--min-size must be >= 0 voxels, got {min_size}")
-    if device == "cuda" and not __import__("torch").cuda.is_available():
-        raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    from resunet.infer.backends import set_threads
-
-    if model.suffix.lower() == ".onnx":
-        backend = "onnx"
     set_threads()
     predictor = Predictor.from_file(
         model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
@@ -256,35 +251,12 @@ def evaluate(
         "worst/median/best overlays to report.md."),
 ) -> None:
     """Dice, IoU, sensitivity, specificity, precision, HD95, ASSD, surface Dice, boundary F1 per case and class."""
-    import json
-
-    import numpy as np
-
-    from resunet.data.io import read_volume
-    from resunet.evaluation import case_files, evaluate_folders, write_evaluation
+    from resunet.evaluation import evaluate_and_write, label_names
     from resunet.report.report import write_report
 
     if tolerance_mm < 0:
         raise ResunetError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
-    if labels is not None:
-        try:
-            names = {str(k): int(v) for k, v in json.loads(labels.read_text())["labels"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ResunetError(f"{labels}: cannot read a 'labels' mapping ({err}); pass an nnU-Net dataset.json") from None
-    else:
-        values = set()
-        for path in case_files(gt).values():
-            values |= {int(v) for v in np.unique(read_volume(path).array)}
-        names = {f"label_{v}": v for v in sorted(values)}
-    result = evaluate_folders(pred, gt, names, tolerance_mm)
-    if not result.rows and (result.failed or not set(case_files(pred)) & set(case_files(gt))):
-        # nothing to report: say why instead of writing empty tables
-        why = [f"  {case}: {err}" for case, err in result.failed.items()]
-        if not result.failed:
-            why = [f"  no file name of {pred} matches one of {gt} (ground truth: "
-                   f"{', '.join(result.missing_pred[:5]) or 'none'}); predictions and labels must share file names"]
-        raise ResunetError("no case could be evaluated:\n" + "\n".join(why))
-    paths = write_evaluation(result, out or pred)
+    result, paths = evaluate_and_write(pred, gt, label_names(labels, gt), tolerance_mm, out or pred)
     paths["report"] = write_report(result, pred, gt, images, out or pred)
     table = Table(title=f"{len({r['case'] for r in result.rows})} case(s): mean ± sd")
     metrics = ("dice", "iou", "hd95", "assd", "surface_dice", "boundary_f1")
@@ -338,31 +310,24 @@ def export(
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
 ) -> None:
     """Export a checkpoint as a self-describing ONNX (or TorchScript) file; checks parity before finishing."""
-    from resunet.export.onnx import OnnxNetwork, example_input, export_onnx
+    from resunet.data.io import make_folder
+    from resunet.export.onnx import example_input, export_checked
     from resunet.export.torchscript import export_torchscript
-    from resunet.infer.predictor import Predictor
+    from resunet.model import load_model
 
     if format not in ("onnx", "torchscript"):
         raise ResunetError(f"--format must be onnx or torchscript, got {format!r}")
     if model.suffix.lower() == ".onnx":
         raise ResunetError(f"{model} is already an ONNX file; pass the checkpoint (.pt) it came from")
-    from resunet.data.io import make_folder
-
-    predictor = Predictor.from_file(model)
-    net = predictor.model
+    loaded = load_model(model)
     make_folder(output.parent)
     if format == "torchscript":
-        export_torchscript(net, predictor.spec, output)
+        export_torchscript(loaded.network, loaded.spec, output)
         console.print(f"TorchScript written to {output}")
         return
-    export_onnx(net, predictor.spec, output)
-    x = example_input(predictor.spec, batch=2)
-    with __import__("torch").no_grad():
-        diff = (OnnxNetwork(output)(x) - net(x)).abs().max().item()
-    if not diff <= 1e-4:  # never leave a model behind that computes something else
-        output.unlink(missing_ok=True)
-        raise ResunetError(f"the exported ONNX model differs from PyTorch by {diff:.2e} (> 1e-4); nothing written")
-    console.print(f"ONNX written to {output} (max |logit diff| vs PyTorch on {tuple(x.shape)}: {diff:.2e})", soft_wrap=True)
+    diff = export_checked(loaded.network, loaded.spec, output)
+    shape = tuple(example_input(loaded.spec).shape)
+    console.print(f"ONNX written to {output} (max |logit diff| vs PyTorch on {shape}: {diff:.2e})", soft_wrap=True)
 
 
 @app.command()
@@ -379,7 +344,7 @@ def bench(
 
     import resunet as package
     from resunet.bench import bench_backends
-    from resunet.infer.backends import machine_key
+    from resunet.hardware import machine_key
 
     if min(base, size, slices, repeats) < 1:
         raise ResunetError("--base, --size, --slices and --repeats must be positive")
@@ -438,15 +403,17 @@ def serve_http(
     max_upload_mb: float = typer.Option(512.0, help="Largest upload accepted (MiB); beyond that: 413."),
     token: Optional[str] = typer.Option(None, envvar="RESUNET_TOKEN", show_envvar=True,
                                         help="Require 'Authorization: Bearer TOKEN' (prefer the env variable)."),
-    backend: str = typer.Option("eager", help="eager, channels_last, bf16, fp16, onnx (implied by a .onnx model) or auto."),
+    backend: Optional[str] = typer.Option(None, help="eager (default for a checkpoint), channels_last, bf16, fp16, "
+                                          "onnx (the default and only choice for a .onnx model) or auto."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass inside a model call."),
     log_level: str = typer.Option("info", help="uvicorn log level (warning hides the access log)."),
 ) -> None:
     """HTTP API: POST /v1/segment (NIfTI / PNG in, mask out), /health, /v1/model, /metrics; dynamic batching."""
-    from resunet.serve.http import load_predictor, run_http_server
+    from resunet.infer.predictor import Predictor
+    from resunet.serve.http import run_http_server
 
-    predictor = load_predictor(model, backend=backend, device=device, batch_size=batch_size)
+    predictor = Predictor.from_file(model, backend=backend, device=device, batch_size=batch_size)
     run_http_server(predictor, host=host, port=port, log_level=log_level, max_batch=max_batch,
                     max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token)
 
@@ -477,8 +444,6 @@ def serve_dicom(
         spool=spool, destination=Destination.parse(dest), allowed_aets=tuple(allow_aet), ae_title=ae_title,
         host=host, port=port, series_timeout=series_timeout, max_series_instances=max_series_instances,
     )
-    if device == "cuda" and not __import__("torch").cuda.is_available():
-        raise ResunetError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     run_dicom_node(Predictor.from_file(model, device=device, batch_size=batch_size, tta=tta), config)
 
 

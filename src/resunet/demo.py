@@ -34,7 +34,7 @@ from rich.table import Table
 from resunet.data.io import read_volume, write_volume
 from resunet.data.volume import Volume
 from resunet.errors import InputError
-from resunet.metrics import dice
+from resunet.metrics import dice, dice_from_counts
 
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 SLAB_THICKNESS = 20  # slices
@@ -230,8 +230,8 @@ class ThresholdRule:
         pred_gm = cum_all[b] - cum_all[a]
         tp_wm = cum[2][-1] - cum[2][b]
         pred_wm = cum_all[-1] - cum_all[b]
-        dice_gm = 2 * tp_gm / np.maximum(pred_gm + cum[1][-1], 1)
-        dice_wm = 2 * tp_wm / np.maximum(pred_wm + cum[2][-1], 1)
+        dice_gm = dice_from_counts(tp_gm, pred_gm - tp_gm, cum[1][-1] - tp_gm)
+        dice_wm = dice_from_counts(tp_wm, pred_wm - tp_wm, cum[2][-1] - tp_wm)
         score = np.where(valid, (dice_gm + dice_wm) / 2, -1)
         i, j = np.unravel_index(int(np.argmax(score)), score.shape)
         return cls(float(edges[i]), float(edges[j]))

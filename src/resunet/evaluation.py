@@ -131,3 +131,34 @@ def write_evaluation(result: Evaluation, out_dir: Path) -> dict[str, Path]:
         with atomic_write(path) as tmp:
             Path(tmp).write_text(texts[key])
     return paths
+
+
+def label_names(labels_json: Path | None, gt_folder: Path) -> dict[str, int]:
+    """Label names -> values: the ``labels`` of an nnU-Net ``dataset.json``, or (None) every value
+    found in the ground-truth files, named ``label_<v>``."""
+    import json
+
+    if labels_json is not None:
+        try:
+            return {str(k): int(v) for k, v in json.loads(Path(labels_json).read_text())["labels"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(f"{labels_json}: cannot read a 'labels' mapping ({err}); "
+                             "pass an nnU-Net dataset.json") from None
+    values: set[int] = set()
+    for path in case_files(gt_folder).values():
+        values |= {int(v) for v in np.unique(read_volume(path).array)}
+    return {f"label_{v}": v for v in sorted(values)}
+
+
+def evaluate_and_write(pred: Path, gt: Path, names: dict[str, int], tolerance_mm: float,
+                       out_dir: Path) -> tuple[Evaluation, dict[str, Path]]:
+    """`evaluate_folders` then `write_evaluation` into ``out_dir``; when no case could be
+    evaluated, an `InputError` saying why instead of empty tables."""
+    result = evaluate_folders(pred, gt, names, tolerance_mm)
+    if not result.rows and (result.failed or not set(case_files(pred)) & set(case_files(gt))):
+        why = [f"  {case}: {err}" for case, err in result.failed.items()]
+        if not result.failed:
+            why = [f"  no file name of {pred} matches one of {gt} (ground truth: "
+                   f"{', '.join(result.missing_pred[:5]) or 'none'}); predictions and labels must share file names"]
+        raise InputError("no case could be evaluated:\n" + "\n".join(why))
+    return result, write_evaluation(result, out_dir)

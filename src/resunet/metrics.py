@@ -252,10 +252,21 @@ def _ratio(num: int, den: int, both_empty: bool) -> float:
     return num / den
 
 
+def dice_from_counts(tp: Any, fp: Any, fn: Any) -> Any:
+    """Dice ``2 TP / (2 TP + FP + FN)`` from voxel counts: Python numbers, or numpy arrays / torch
+    tensors elementwise (the same type back). 1.0 where both masks are empty (TP + FP + FN = 0).
+    The one Dice formula of the package: metrics, validation, backend checks and benchmarks use it."""
+    denom = 2 * tp + fp + fn
+    if isinstance(denom, (int, float)):
+        return 1.0 if denom == 0 else 2 * tp / denom
+    empty = denom == 0
+    return 2 * tp / denom.clip(min=1) * ~empty + empty * 1.0
+
+
 def _overlap(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     both_empty = tp + fp + fn == 0
     return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
+        "dice": float(dice_from_counts(tp, fp, fn)),
         "iou": _ratio(tp, tp + fp + fn, both_empty),
         "sensitivity": _ratio(tp, tp + fn, both_empty),
         "specificity": 1.0 if tn + fp == 0 else tn / (tn + fp),

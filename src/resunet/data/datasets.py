@@ -512,6 +512,79 @@ def _header_or_problem(path: Path, what: str, case: Case, root: Path, problems: 
         return None
 
 
+def _case_problems(info: DatasetInfo, case: Case, labelled: bool, check_geometry: bool,
+                   check_label_values: bool, with_alpha: list[Path]) -> list[str]:
+    """What `validate_dataset` finds wrong with one case (``with_alpha`` collects RGBA images)."""
+    problems: list[str] = []
+    root = info.root
+    headers: list[ImageHeader] = []
+    for c, path in enumerate(case.images):
+        name = info.channel_names[c] if c < len(info.channel_names) else "?"
+        what = f"channel {c} ({name}) file" if not info.channels_in_one_file else "image"
+        h = _header_or_problem(path, what, case, root, problems)
+        if h is not None:
+            headers.append(h)
+            if h.alpha:
+                with_alpha.append(path)
+    label_header = _label_header(info, case, problems) if labelled else None
+    # channel counts (checked when every image file could be read)
+    if len(headers) == len(case.images) and info.channel_names:
+        total = sum(h.num_channels for h in headers)
+        if total != len(info.channel_names):
+            files = ", ".join(_rel(h.path, root) for h in headers)
+            problems.append(
+                f"case {case.case_id}: {files} hold {total} channel(s) but the dataset "
+                f"has {len(info.channel_names)} ({', '.join(info.channel_names)})"
+            )
+    if label_header is not None and label_header.num_channels != 1:
+        if not (info.layout == "images_masks" and label_header.num_channels == 3):
+            problems.append(
+                f"case {case.case_id}: label {_rel(label_header.path, root)} has "
+                f"{label_header.num_channels} channels; a label map has one"
+            )
+    if check_geometry and headers:
+        ref = headers[0]
+        for h in headers[1:] + ([label_header] if label_header is not None else []):
+            if not _same_geometry(ref, h):
+                problems.append(
+                    f"case {case.case_id}: {_rel(h.path, root)} ({_describe(h)}) does "
+                    f"not match {_rel(ref.path, root)} ({_describe(ref)}); resample or "
+                    "fix the header so channels and label share one grid"
+                )
+    if check_label_values and label_header is not None and info.labels:
+        problems += _label_value_problems(info, case)
+    return problems
+
+
+def _label_header(info: DatasetInfo, case: Case, problems: list[str]) -> ImageHeader | None:
+    """The header of a training case's label, or None with the problem recorded."""
+    if case.label is None:
+        problems.append(
+            f"case {case.case_id}: image without label ({_rel(case.images[0], info.root)} "
+            f"has no mask in masks/ with the same stem)"
+        )
+        return None
+    if not case.label.exists():
+        problems.append(f"case {case.case_id}: image without label ({_rel(case.label, info.root)} is missing)")
+        return None
+    return _header_or_problem(case.label, "label", case, info.root, problems)
+
+
+def _label_value_problems(info: DatasetInfo, case: Case) -> list[str]:
+    """Label values of ``case`` that ``info.labels`` does not name (reads the label array)."""
+    allowed = set(info.labels.values())
+    try:
+        values = np.unique(read_label(case.label, info).array)
+    except InputError as exc:
+        return [f"case {case.case_id}: {exc}"]
+    extra = sorted(int(v) for v in values if int(v) not in allowed)
+    if not extra:
+        return []
+    return [f"case {case.case_id}: label {_rel(case.label, info.root)} holds values "
+            f"{extra} that are not in the dataset labels {info.labels}; fix the "
+            "label or add them to dataset.json"]
+
+
 def validate_dataset(
     info: DatasetInfo, check_geometry: bool = True, check_label_values: bool = True
 ) -> None:
@@ -525,70 +598,11 @@ def validate_dataset(
     """
     problems = list(info.problems)
     root = info.root
-    allowed = set(info.labels.values())
     with_alpha: list[Path] = []
     for split, cases in (("training", info.training), ("test", info.test)):
         for case in cases:
-            headers: list[ImageHeader] = []
-            for c, path in enumerate(case.images):
-                name = info.channel_names[c] if c < len(info.channel_names) else "?"
-                what = f"channel {c} ({name}) file" if not info.channels_in_one_file else "image"
-                h = _header_or_problem(path, what, case, root, problems)
-                if h is not None:
-                    headers.append(h)
-                    if h.alpha:
-                        with_alpha.append(path)
-            label_header = None
-            if split == "training":
-                if case.label is None:
-                    problems.append(
-                        f"case {case.case_id}: image without label ({_rel(case.images[0], root)} "
-                        f"has no mask in masks/ with the same stem)"
-                    )
-                elif not case.label.exists():
-                    problems.append(
-                        f"case {case.case_id}: image without label ({_rel(case.label, root)} "
-                        "is missing)"
-                    )
-                else:
-                    label_header = _header_or_problem(case.label, "label", case, root, problems)
-            # channel counts (checked when every image file could be read)
-            if len(headers) == len(case.images) and info.channel_names:
-                total = sum(h.num_channels for h in headers)
-                if total != len(info.channel_names):
-                    files = ", ".join(_rel(h.path, root) for h in headers)
-                    problems.append(
-                        f"case {case.case_id}: {files} hold {total} channel(s) but the dataset "
-                        f"has {len(info.channel_names)} ({', '.join(info.channel_names)})"
-                    )
-            if label_header is not None and label_header.num_channels != 1:
-                if not (info.layout == "images_masks" and label_header.num_channels == 3):
-                    problems.append(
-                        f"case {case.case_id}: label {_rel(label_header.path, root)} has "
-                        f"{label_header.num_channels} channels; a label map has one"
-                    )
-            if check_geometry and headers:
-                ref = headers[0]
-                for h in headers[1:] + ([label_header] if label_header is not None else []):
-                    if not _same_geometry(ref, h):
-                        problems.append(
-                            f"case {case.case_id}: {_rel(h.path, root)} ({_describe(h)}) does "
-                            f"not match {_rel(ref.path, root)} ({_describe(ref)}); resample or "
-                            "fix the header so channels and label share one grid"
-                        )
-            if check_label_values and label_header is not None and allowed:
-                try:
-                    values = np.unique(read_label(case.label, info).array)
-                except InputError as exc:
-                    problems.append(f"case {case.case_id}: {exc}")
-                else:
-                    extra = sorted(int(v) for v in values if int(v) not in allowed)
-                    if extra:
-                        problems.append(
-                            f"case {case.case_id}: label {_rel(case.label, root)} holds values "
-                            f"{extra} that are not in the dataset labels {info.labels}; fix the "
-                            "label or add them to dataset.json"
-                        )
+            problems += _case_problems(info, case, split == "training", check_geometry, check_label_values,
+                                       with_alpha)
     if with_alpha:
         warnings.warn(
             f"{len(with_alpha)} image(s) of {root} have an alpha (transparency) channel, e.g. "
@@ -665,3 +679,15 @@ def load_case(case: Case, info: DatasetInfo) -> tuple[Volume, Volume | None]:
             f"{case.images[0]} has {image.shape}"
         )
     return image, label
+
+
+def label_layout(info: DatasetInfo) -> tuple[dict[str, int], int]:
+    """Label names -> values (must be 0..K-1) and the number of output channels (1 when binary)."""
+    labels = dict(sorted(info.labels.items(), key=lambda kv: kv[1]))
+    values = sorted(labels.values())
+    if values != list(range(len(values))) or len(values) < 2:
+        raise InputError(
+            f"{info.dataset_json or info.root}: labels must be 0 (background), 1, ..., K-1 without gaps, "
+            f"got {labels}; renumber the label maps and dataset.json (e.g. 0, 1, 5 -> 0, 1, 2)"
+        )
+    return labels, 1 if len(values) == 2 else len(values)

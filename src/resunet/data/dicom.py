@@ -462,47 +462,54 @@ def _functional(ds, frame: int, sequence: str, keyword: str):
     return None
 
 
+def _enhanced_frames(ds: Any, n: int, path: Path) -> tuple:
+    """Per-frame geometry and rescale of an enhanced multi-frame file: ``(positions (n, 3) mm,
+    orientation (6,), in-plane spacing (2,) mm, fallback slice step mm, slopes, intercepts)``."""
+    ipp_list = []
+    for i in range(n):
+        ipp = _functional(ds, i, "PlanePositionSequence", "ImagePositionPatient")
+        if ipp is None:
+            raise InputError(
+                f"{path}: frame {i + 1} has no PlanePositionSequence/ImagePositionPatient; "
+                "its frames cannot be placed in space"
+            )
+        ipp_list.append(_floats(ipp, 3, "ImagePositionPatient", path))
+    iops = []
+    for i in range(n):
+        iop = _functional(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")
+        if iop is None:
+            raise InputError(f"{path}: frame {i + 1} has no PlaneOrientationSequence")
+        iops.append(_floats(iop, 6, "ImageOrientationPatient", path))
+    iop_arr = np.stack(iops)
+    if np.abs(iop_arr - iop_arr[0]).max() > 1e-4:
+        raise InputError(
+            f"{path}: frames have different orientations; only single-stack multi-frame "
+            "files are supported"
+        )
+    positions = np.stack(ipp_list)
+    ps = _functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
+    in_plane = _floats(ps, 2, "PixelSpacing", path) if ps else _in_plane_spacing(ds, path)
+    thickness = _functional(ds, 0, "PixelMeasuresSequence", "SpacingBetweenSlices") or \
+        _functional(ds, 0, "PixelMeasuresSequence", "SliceThickness")
+    fallback = float(thickness) if thickness else _fallback_dz(ds)
+    slopes = []
+    intercepts = []
+    for i in range(n):
+        s = _functional(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
+        b = _functional(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
+        slopes.append(float(s if s is not None else ds.get("RescaleSlope", 1) or 1))
+        intercepts.append(float(b if b is not None else ds.get("RescaleIntercept", 0) or 0))
+    return positions, iop_arr[0], in_plane, fallback, slopes, intercepts
+
+
 def _read_multi_frame(path: Path, where: str) -> Volume:
     pydicom = _pydicom()
     ds = pydicom.dcmread(str(path), force=True)
     n = int(ds.get("NumberOfFrames", 1) or 1)
     labels = [f"{path.name} frame {i + 1}" for i in range(n)]
     if "PerFrameFunctionalGroupsSequence" in ds:
-        ipp_list = []
-        for i in range(n):
-            ipp = _functional(ds, i, "PlanePositionSequence", "ImagePositionPatient")
-            if ipp is None:
-                raise InputError(
-                    f"{path}: frame {i + 1} has no PlanePositionSequence/ImagePositionPatient; "
-                    "its frames cannot be placed in space"
-                )
-            ipp_list.append(_floats(ipp, 3, "ImagePositionPatient", path))
-        iops = []
-        for i in range(n):
-            iop = _functional(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")
-            if iop is None:
-                raise InputError(f"{path}: frame {i + 1} has no PlaneOrientationSequence")
-            iops.append(_floats(iop, 6, "ImageOrientationPatient", path))
-        iop_arr = np.stack(iops)
-        if np.abs(iop_arr - iop_arr[0]).max() > 1e-4:
-            raise InputError(
-                f"{path}: frames have different orientations; only single-stack multi-frame "
-                "files are supported"
-            )
-        positions = np.stack(ipp_list)
-        ps = _functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
-        in_plane = _floats(ps, 2, "PixelSpacing", path) if ps else _in_plane_spacing(ds, path)
-        thickness = _functional(ds, 0, "PixelMeasuresSequence", "SpacingBetweenSlices") or \
-            _functional(ds, 0, "PixelMeasuresSequence", "SliceThickness")
-        fallback = float(thickness) if thickness else _fallback_dz(ds)
-        slopes = []
-        intercepts = []
-        for i in range(n):
-            s = _functional(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
-            b = _functional(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
-            slopes.append(float(s if s is not None else ds.get("RescaleSlope", 1) or 1))
-            intercepts.append(float(b if b is not None else ds.get("RescaleIntercept", 0) or 0))
-        order, dz, direction = _stack_geometry(positions, iop_arr[0], labels, where, fallback)
+        positions, iop, in_plane, fallback, slopes, intercepts = _enhanced_frames(ds, n, path)
+        order, dz, direction = _stack_geometry(positions, iop, labels, where, fallback)
     elif "GridFrameOffsetVector" in ds and "ImagePositionPatient" in ds:
         # RT Dose style: one position plus offsets along the normal.
         iop = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", path)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from resunet import __version__
+from resunet.version import __version__
 from resunet.data.io import atomic_write
 from resunet.data.volume import Volume
 from resunet.errors import InputError
@@ -235,6 +235,61 @@ def _read_source_datasets(files: list[str], sops: list[str], frames: list[int]) 
     return datasets, multi_frame
 
 
+def _segment_numbers(array: np.ndarray, segments: list, datasets: list, multi_frame: bool,
+                     frames: list[int], files: list[str]) -> np.ndarray:
+    """Label values -> segment numbers 1..N ``(D, H, W)``, in the source file's frame order for a
+    multi-frame source; checked against the source images' size."""
+    named = [v for v, _ in segments]
+    lut = np.zeros(int(max(named)) + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    for number, value in enumerate(named, start=1):
+        lut[value] = number
+    seg_array = lut[array]
+    if multi_frame:  # highdicom wants the frames in the order of the source file's frames
+        n_frames = int(datasets[0].get("NumberOfFrames", 1) or 1)
+        if sorted(frames) != list(range(1, n_frames + 1)):
+            raise InputError(
+                f"the source volume holds frames {sorted(frames)[:5]}... of {files[0]}, which has "
+                f"{n_frames}; a SEG of a multi-frame source must cover all its frames"
+            )
+        ordered = np.empty_like(seg_array)
+        ordered[np.asarray(frames) - 1] = seg_array
+        seg_array = ordered
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    if seg_array.shape[1:] != (rows, cols):
+        raise InputError(
+            f"labels of {seg_array.shape[1]}x{seg_array.shape[2]} pixels do not fit the source "
+            f"images of {rows}x{cols} pixels ({files[0]})"
+        )
+    return seg_array
+
+
+def _segment_descriptions(segments: list, algorithm_name: str, algorithm_version: str, manufacturer: str) -> list:
+    """One highdicom SegmentDescription per foreground label (coded by `segment_codes`)."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name,
+        family=Code("123110", "DCM", "Artificial Intelligence"),
+        version=str(algorithm_version),
+        source=manufacturer,
+    )
+    descriptions = []
+    for number, (_value, name) in enumerate(segments, start=1):
+        category, kind = segment_codes(name)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name,
+                segmented_property_category=Code(*category),
+                segmented_property_type=Code(*kind),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    return descriptions
+
+
 def write_dicom_seg(
     labels: Volume,
     source: Volume,
@@ -256,7 +311,6 @@ def write_dicom_seg(
     fit the source, the source is not a DICOM series or a label value has no name.
     """
     import highdicom as hd
-    from pydicom.sr.coding import Code
 
     path = Path(path)
     files, sops, frames = _source_instances(source)
@@ -270,48 +324,9 @@ def write_dicom_seg(
             f"{ {name: v for v, name in segments} }); add them to label_names"
         )
 
-    # Label value -> segment number (1..N), as a lookup table.
-    lut = np.zeros(int(max(named)) + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16)
-    for number, (value, _name) in enumerate(segments, start=1):
-        lut[value] = number
-    seg_array = lut[array]
     datasets, multi_frame = _read_source_datasets(files, sops, frames)
-    if multi_frame:  # highdicom wants the frames in the order of the source file's frames
-        n_frames = int(datasets[0].get("NumberOfFrames", 1) or 1)
-        if sorted(frames) != list(range(1, n_frames + 1)):
-            raise InputError(
-                f"the source volume holds frames {sorted(frames)[:5]}... of {files[0]}, which has "
-                f"{n_frames}; a SEG of a multi-frame source must cover all its frames"
-            )
-        ordered = np.empty_like(seg_array)
-        ordered[np.asarray(frames) - 1] = seg_array
-        seg_array = ordered
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
-    if seg_array.shape[1:] != (rows, cols):
-        raise InputError(
-            f"labels of {seg_array.shape[1]}x{seg_array.shape[2]} pixels do not fit the source "
-            f"images of {rows}x{cols} pixels ({files[0]})"
-        )
-
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name,
-        family=Code("123110", "DCM", "Artificial Intelligence"),
-        version=str(algorithm_version),
-        source=manufacturer,
-    )
-    descriptions = []
-    for number, (_value, name) in enumerate(segments, start=1):
-        category, kind = segment_codes(name)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=name,
-                segmented_property_category=Code(*category),
-                segmented_property_type=Code(*kind),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
-        )
+    seg_array = _segment_numbers(array, segments, datasets, multi_frame, frames, files)
+    descriptions = _segment_descriptions(segments, algorithm_name, algorithm_version, manufacturer)
     try:
         seg = hd.seg.Segmentation(
             source_images=datasets,
@@ -364,6 +379,49 @@ def _frame_references(item: Any) -> list[tuple[str, int | None]]:
     return refs
 
 
+def _segment_values(ds: Any, numbers: list[int], label_names: Mapping[str, int] | None, path: Path) -> dict[int, int]:
+    """Segment number -> label value (the rule in `read_dicom_seg`'s docstring)."""
+    names = {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in ds.get("SegmentSequence", [])}
+    if label_names is None:
+        return {n: n for n in numbers}
+    fg = _segments(label_names)
+    by_name = {name: v for v, name in fg}
+    if numbers and all(names[n] in by_name for n in numbers):
+        return {n: by_name[names[n]] for n in numbers}
+    if len(fg) == len(numbers):
+        return {n: fg[i][0] for i, n in enumerate(sorted(numbers))}
+    raise InputError(
+        f"{path}: the SEG has {len(numbers)} segment(s) {sorted(names.values())}, which do "
+        f"not fit the {len(fg)} label(s) of label_names {dict(label_names)}"
+    )
+
+
+def _source_slice(item: Any, i: int, index: dict, single_frame: dict, positions: np.ndarray, path: Path) -> int:
+    """The source slice SEG frame ``i`` (its per-frame functional group ``item``) belongs to: by its
+    referenced instance / frame, else by its ImagePositionPatient."""
+    k = None
+    refs = _frame_references(item)
+    for uid, frame in refs:
+        k = index.get((uid, frame)) if frame is not None else single_frame.get(uid)
+        if k is not None:
+            return k
+    if refs:
+        raise InputError(
+            f"{path}: frame {i + 1} references source instance {refs[0][0]} (frame "
+            f"{refs[0][1] or 1}), which is not a slice of the source series; the SEG belongs "
+            "to another series"
+        )
+    ipp = _first(item, "PlanePositionSequence", "ImagePositionPatient")
+    if ipp is not None and len(positions):
+        dist = np.linalg.norm(positions - np.asarray([float(v) for v in ipp]), axis=1)
+        if dist.min() <= _POSITION_TOL:
+            return int(np.argmin(dist))
+    raise InputError(
+        f"{path}: frame {i + 1} neither references a source instance nor lies on a "
+        "source slice; it cannot be placed"
+    )
+
+
 def read_dicom_seg(
     path: str | os.PathLike[str],
     source: Volume,
@@ -405,24 +463,8 @@ def read_dicom_seg(
             "it does not belong to this series"
         )
 
-    # Segment number -> label value.
     numbers = [int(item.SegmentNumber) for item in ds.get("SegmentSequence", [])]
-    names = {int(item.SegmentNumber): str(item.get("SegmentLabel", ""))
-             for item in ds.get("SegmentSequence", [])}
-    if label_names is None:
-        value_of = {n: n for n in numbers}
-    else:
-        fg = _segments(label_names)
-        by_name = {name: v for v, name in fg}
-        if numbers and all(names[n] in by_name for n in numbers):
-            value_of = {n: by_name[names[n]] for n in numbers}
-        elif len(fg) == len(numbers):
-            value_of = {n: fg[i][0] for i, n in enumerate(sorted(numbers))}
-        else:
-            raise InputError(
-                f"{path}: the SEG has {len(numbers)} segment(s) {sorted(names.values())}, which do "
-                f"not fit the {len(fg)} label(s) of label_names {dict(label_names)}"
-            )
+    value_of = _segment_values(ds, numbers, label_names, path)
     max_value = max(value_of.values(), default=0)
     out = np.zeros(source.shape, dtype=np.uint8 if max_value <= 255 else np.uint16)
 
@@ -444,29 +486,7 @@ def read_dicom_seg(
 
     for i, pixels in enumerate(iter_pixels(ds)):
         item = per_frame[i]
-        k = None
-        refs = _frame_references(item)
-        for uid, frame in refs:
-            k = index.get((uid, frame)) if frame is not None else single_frame.get(uid)
-            if k is not None:
-                break
-        if k is None and refs:
-            raise InputError(
-                f"{path}: frame {i + 1} references source instance {refs[0][0]} (frame "
-                f"{refs[0][1] or 1}), which is not a slice of the source series; the SEG belongs "
-                "to another series"
-            )
-        if k is None:  # no reference: place the frame by its position
-            ipp = _first(item, "PlanePositionSequence", "ImagePositionPatient")
-            if ipp is not None and len(positions):
-                dist = np.linalg.norm(positions - np.asarray([float(v) for v in ipp]), axis=1)
-                if dist.min() <= _POSITION_TOL:
-                    k = int(np.argmin(dist))
-            if k is None:
-                raise InputError(
-                    f"{path}: frame {i + 1} neither references a source instance nor lies on a "
-                    "source slice; it cannot be placed"
-                )
+        k = _source_slice(item, i, index, single_frame, positions, path)
         if label_map_seg:
             frame_values = lut[np.minimum(pixels, len(lut) - 1)]
             np.maximum(out[k], frame_values, out=out[k])

@@ -3,7 +3,7 @@
 Conventions
 -----------
 - Images are ``(C, D, H, W)`` (or ``(C, H, W)`` for 2-D cases), labels ``(D, H, W)`` / ``(H, W)``.
-- **2.5-D stacks**: the stack for slice ``z`` with ``context=k`` holds slices ``z-k .. z+k`` of
+- **2.5-D stacks** (`stack_context`, the one function training and inference both use): the stack for slice ``z`` with ``context=k`` holds slices ``z-k .. z+k`` of
   every channel, channel-major: output channel ``c * (2k + 1) + j`` is channel ``c`` of slice
   ``z + j - k`` (so the centre slice of channel ``c`` is at ``c * (2k + 1) + k``). Slices beyond
   the first / last one are **clamped** (the edge slice is replicated).
@@ -25,16 +25,18 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from resunet.errors import ConfigError, InputError
 
 __all__ = [
     "PatchSampler",
+    "context_indices",
     "crop_patch",
-    "extract_slices",
     "foreground_locations",
     "sample_patch_centres",
     "slice_indices",
+    "stack_context",
 ]
 
 #: at most this many voxel positions are kept per class for foreground oversampling
@@ -60,44 +62,55 @@ def slice_indices(
     return idx
 
 
-def _stack_index(indices: np.ndarray, depth: int, context: int) -> np.ndarray:
-    """``(N, 2k+1)`` slice numbers with clamping at both ends."""
-    offsets = np.arange(-context, context + 1, dtype=np.intp)
-    return np.clip(indices[:, None] + offsets[None, :], 0, depth - 1)
+def context_indices(indices: np.ndarray, depth: int, context: int) -> np.ndarray:
+    """``(N, 2k+1)`` slice numbers ``z-k .. z+k`` of each centre slice, clamped to ``0 .. depth-1``."""
+    offsets = np.arange(-context, context + 1, dtype=np.int64)
+    return np.clip(np.asarray(indices, dtype=np.int64)[:, None] + offsets[None, :], 0, depth - 1)
 
 
-def extract_slices(
-    image: np.ndarray,
-    label: np.ndarray | None,
-    indices: Sequence[int] | np.ndarray,
-    context: int = 0,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """2.5-D stacks of ``image`` ``(C, D, H, W)`` at the slices ``indices``.
+def stack_context(
+    volume: torch.Tensor | np.ndarray,
+    indices: Sequence[int] | torch.Tensor | np.ndarray,
+    context: int,
+) -> torch.Tensor | np.ndarray:
+    """Gather 2.5-D model inputs: each slice with ``context`` neighbours on each side.
 
-    Returns ``(stacks, labels)``: ``stacks`` ``(N, C * (2 * context + 1), H, W)`` (channel-major,
-    edge slices replicated; see the module docstring) and ``labels`` ``(N, H, W)`` of the centre
-    slices (None when ``label`` is None).
+    Args:
+        volume: ``(C, D, H, W)`` tensor or array.
+        indices: ``N`` slice indices along ``D``.
+        context: ``k >= 0``; neighbours beyond the volume are clamped (the first/last slice is
+            repeated).
+
+    Returns:
+        ``(N, C * (2k + 1), H, W)``, same type (tensor/array) and dtype as ``volume``.
+        Channel order: for each input channel ``c``, slices ``z-k, ..., z+k``; i.e. channel
+        ``c * (2k + 1) + j`` holds channel ``c`` of slice ``clamp(z - k + j, 0, D - 1)``.
+        With ``context=0`` this is the plain ``(N, C, H, W)`` slice batch.
     """
-    if image.ndim != 4:
-        raise InputError(f"extract_slices needs an image (C, D, H, W), got shape {image.shape}")
-    if context < 0:
-        raise ConfigError(f"context must be >= 0, got {context}")
-    c, d, h, w = image.shape
-    idx = np.asarray(indices, dtype=np.intp).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= d):
-        raise InputError(f"slice indices must lie in [0, {d}), got {idx.min()}..{idx.max()}")
-    zz = _stack_index(idx, d, context)  # (N, 2k+1)
-    # one fancy-indexing read: (C, N, 2k+1, H, W) -> (N, C, 2k+1, H, W)
-    stacks = np.asarray(image[:, zz.reshape(-1)]).reshape(c, idx.size, 2 * context + 1, h, w)
-    stacks = np.ascontiguousarray(stacks.transpose(1, 0, 2, 3, 4)).reshape(
-        idx.size, c * (2 * context + 1), h, w
-    )
-    labels = None
-    if label is not None:
-        if label.shape != (d, h, w):
-            raise InputError(f"label shape {label.shape} != image spatial shape {(d, h, w)}")
-        labels = np.asarray(label[idx])
-    return stacks, labels
+    if volume.ndim != 4:
+        raise InputError(
+            f"stack_context needs a (C, D, H, W) volume, got shape {tuple(volume.shape)}"
+        )
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
+        raise ConfigError(f"context={context!r} must be a non-negative integer")
+    depth = int(volume.shape[1])
+    idx = np.asarray(
+        indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices,
+        dtype=np.int64,
+    ).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= depth):
+        raise InputError(f"slice indices {idx.tolist()} are outside 0..{depth - 1}")
+    gather = context_indices(idx, depth, context)  # (N, 2k+1)
+    n, width = gather.shape
+    c, _, h, w = volume.shape
+    if isinstance(volume, torch.Tensor):
+        picked = volume[:, torch.from_numpy(gather.reshape(-1)).to(volume.device)]
+        return picked.reshape(c, n, width, h, w).permute(1, 0, 2, 3, 4).reshape(n, c * width, h, w)
+    picked = np.asarray(volume)[:, gather.reshape(-1)]
+    return picked.reshape(c, n, width, h, w).transpose(1, 0, 2, 3, 4).reshape(n, c * width, h, w)
+
+
+@torch.inference_mode()
 
 
 def crop_patch(
@@ -345,19 +358,22 @@ class PatchSampler:
                 labels[i, 0] = crop_patch(case.label, centre, ps)
             else:
                 z = int(centre[0])
-                depth = case.label.shape[0]
-                zz = _stack_index(np.array([z]), depth, self.context)[0]
-                # (C, 2k+1, *ps): basic slicing per slice reads only the in-plane patch
-                patch = np.stack(
-                    [crop_patch(case.image[:, int(zj)], centre[1:], ps) for zj in zz], axis=1
-                )
-                images[i] = patch.reshape(self.in_channels, *ps)
+                zz = context_indices(np.array([z]), case.label.shape[0], self.context)[0]
+                # the in-plane patch of the 2k+1 slices (C, 2k+1, *ps), read by basic slicing, then
+                # stacked by the one function inference uses too (so the channel order is the same)
+                around = np.stack([crop_patch(case.image[:, int(zj)], centre[1:], ps) for zj in zz], axis=1)
+                images[i] = stack_context(around, [self.context], self.context)[0]
                 labels[i, 0] = crop_patch(case.label[z], centre[1:], ps)
         if self.as_tensor:
             import torch
 
             return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
         return images, labels
+
+    def reseed(self, *key: int) -> None:
+        """Restart the placement stream from ``key`` (training passes ``(seed, epoch, rank)``, so an
+        epoch's batches depend on nothing else and a resumed run sees the same ones)."""
+        self.rng = np.random.default_rng([int(k) for k in key])
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         while True:

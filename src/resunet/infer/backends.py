@@ -21,55 +21,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from resunet.data.io import atomic_write
-from resunet.errors import ConfigError
+from resunet.errors import ConfigError, ModelError
+from resunet.model.onnx_file import OnnxNetwork
+from resunet.model.paths import cache_root
+from resunet.model.spec import ModelSpec
+from resunet.hardware import Autocast, machine_key, native_bf16
+from resunet.metrics import dice_from_counts
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 BACKENDS = ("auto", "eager", "channels_last", "bf16", "fp16", "onnx", "tensorrt")
 LOGIT_ATOL, LOGIT_RTOL = 1e-3, 1e-3  # fp32 backends: reordered sums, fused BatchNorm
 MIN_DICE = 0.999
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RESUNET_CACHE", Path.home() / ".cache" / "resunet"))
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (hyper-threads do not speed up convolutions)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        cores = {(blk.split("physical id")[1].split("\n")[0], blk.split("core id")[1].split("\n")[0])
-                 for blk in text.split("\n\n") if "core id" in blk and "physical id" in blk}
-        if cores:
-            return max(1, min(available, len(cores)))
-    except (OSError, IndexError):
-        pass
-    return max(1, available)
-
-
-def set_threads(threads: int | None = None) -> int:
-    """Intra-op threads = physical cores (or ``threads``), for PyTorch; ONNX sessions copy it."""
-    n = threads or physical_cores()
-    torch.set_num_threads(n)
-    return n
-
-
-def native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (otherwise autocast emulates it, slowly)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 def candidates(spatial_dims: int, device: torch.device) -> list[str]:
@@ -95,16 +67,6 @@ def tensorrt_available() -> bool:
     return torch.cuda.is_available() and "TensorrtExecutionProvider" in onnxruntime.get_available_providers()
 
 
-class _Autocast:
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        self.model, self.dtype, self.device_type = model, dtype, device.type
-        self.training = False
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.model(x).float()
-
-
 class _ChannelsLast:
     def __init__(self, model: torch.nn.Module) -> None:
         import copy
@@ -116,21 +78,44 @@ class _ChannelsLast:
         return self.model(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
-def make_network(name: str, model: torch.nn.Module, spec: dict[str, Any], device: torch.device) -> Network:
+def onnx_cache_path(spec: ModelSpec) -> Path | None:
+    """Where ``--backend onnx`` keeps the ONNX file exported from a checkpoint: keyed by a digest
+    of the spec (weights digest included); None when the checkpoint has no weights digest."""
+    if not spec.weights_sha256:
+        return None
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
+    return cache_root() / "onnx" / f"{digest[:32]}.onnx"
+
+
+def onnx_network(model: torch.nn.Module, spec: ModelSpec, providers: list | None = None) -> OnnxNetwork:
+    """Export ``model`` to ONNX (or reuse the cached export) and open it with ONNX Runtime."""
+    from resunet.export.onnx import export_onnx
+
+    cached = onnx_cache_path(spec)
+    if cached is not None and cached.is_file():
+        try:
+            return OnnxNetwork(cached, providers=providers)
+        except ModelError:
+            pass  # a damaged cache entry: export again
+    if cached is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(export_onnx(model, spec, Path(tmp) / "model.onnx")).read_bytes()
+            return OnnxNetwork(data, providers=providers)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    return OnnxNetwork(export_onnx(model, spec, cached), providers=providers)
+
+
+def make_network(name: str, model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> Network:
     """The callable for backend ``name`` (see the module docstring)."""
     if name == "eager":
         return model
     if name == "channels_last":
         return _ChannelsLast(model)
     if name in ("bf16", "fp16"):
-        return _Autocast(model, torch.bfloat16 if name == "bf16" else torch.float16, device)
+        return Autocast(model, torch.bfloat16 if name == "bf16" else torch.float16)
     if name == "onnx":
-        from resunet.infer.predictor import _onnx_network
-
-        return _onnx_network(model, spec)
+        return onnx_network(model, spec)
     if name == "tensorrt":
-        from resunet.infer.predictor import _onnx_network
-
         if device.type != "cuda" or not tensorrt_available():
             raise ConfigError(
                 "backend tensorrt needs an NVIDIA GPU (--device cuda) and onnxruntime-gpu with the TensorRT "
@@ -140,22 +125,8 @@ def make_network(name: str, model: torch.nn.Module, spec: dict[str, Any], device
         providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                                                     "trt_engine_cache_path": str(cache_root() / "trt")}),
                      "CUDAExecutionProvider"]
-        return _onnx_network(model, spec, providers=providers)
+        return onnx_network(model, spec, providers=providers)
     raise ConfigError(f"backend {name!r} is not available; choose one of {', '.join(BACKENDS)}")
-
-
-def machine_key(device: torch.device) -> str:
-    """CPU/GPU model, thread count and library versions: what makes timings comparable."""
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{cpu}|{gpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|ort={onnxruntime.__version__}"
 
 
 @dataclass
@@ -183,7 +154,8 @@ def mask_dice(a: torch.Tensor, b: torch.Tensor) -> float:
     worst = 1.0
     for c in torch.unique(torch.cat([a.flatten(), b.flatten()])).tolist():
         x, y = a == c, b == c
-        worst = min(worst, 2.0 * (x & y).sum().item() / (x.sum().item() + y.sum().item()))
+        tp = int((x & y).sum())
+        worst = min(worst, dice_from_counts(tp, int(x.sum()) - tp, int(y.sum()) - tp))
     return worst
 
 
@@ -200,16 +172,16 @@ def _time(net: Network, x: torch.Tensor, repeats: int) -> tuple[float, torch.Ten
 
 def choose_backend(
     model: torch.nn.Module,
-    spec: dict[str, Any],
+    spec: ModelSpec,
     batch: torch.Tensor,
     device: torch.device,
     repeats: int = 3,
     names: list[str] | None = None,
 ) -> tuple[BackendChoice, Network]:
     """Time the candidates on ``batch`` ``(B, C, *S)`` (already on ``device``); see module docstring."""
-    key = json.dumps([hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24],
+    key = json.dumps([hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:24],
                       machine_key(device), list(batch.shape)])
-    names = names or candidates(int(spec["spatial_dims"]), device)
+    names = names or candidates(spec.spatial_dims, device)
     path = cache_root() / "backends.json"
     table = _read_table(path)
     if key in table and table[key]["name"] in names:
@@ -249,7 +221,7 @@ def choose_backend(
     return choice, nets[choice.name]
 
 
-def _read_table(path: Path) -> dict[str, Any]:
+def _read_table(path: Path) -> dict:
     try:
         table = json.loads(path.read_text())
         return table if isinstance(table, dict) else {}

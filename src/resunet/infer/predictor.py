@@ -15,20 +15,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from resunet.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_case, restore_original_geometry
+from resunet.data.preprocess import PreprocessedCase, preprocess_case, restore_original_geometry
+from resunet.data.sampling import stack_context
 from resunet.data.volume import Volume
 from resunet.errors import ConfigError, ModelError, ResunetError
+from resunet.hardware import amp_dtype as amp_dtype_for
+from resunet.hardware import resolve_device
 from resunet.infer.postprocess import fill_holes, keep_largest_component, logits_to_labels, remove_small_components
-from resunet.infer.sliding_window import flip_tta, predict_slices, sliding_window_predict, stack_context
-from resunet.nets import build_model
-
-if TYPE_CHECKING:
-    from resunet.export.onnx import OnnxNetwork
+from resunet.infer.sliding_window import flip_tta, predict_slices, sliding_window_predict
+from resunet.model import LoadedModel, ModelSpec, load_model
+from resunet.model.onnx_file import OnnxNetwork
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def predict_case_logits(
     ``max_batch_pixels`` caps the slices per forward pass at ``max_batch_pixels // (H * W)`` (at
     least 1), so a batch of 512x512 CT slices holds as many pixels as ``batch_size`` small ones.
     """
-    amp_dtype = (torch.float16 if image.device.type == "cuda" else torch.bfloat16) if amp else None
+    amp_dtype = amp_dtype_for(image.device, amp)
     if mode == "2d":
         volume = image[:, None] if image.ndim == 3 else image
         net = model if not tta else (lambda x: flip_tta(model, x, (-2, -1)))
@@ -86,61 +87,47 @@ class PostprocessConfig:
 class Predictor:
     """Predict label maps with a trained model (see the module docstring).
 
-    ``checkpoint``: a loaded checkpoint dict (`load_checkpoint`) or an `OnnxNetwork` (an exported
-    file). ``backend``: see the module docstring (``torch`` is an alias of ``eager``); ``onnx`` with
-    a checkpoint exports it first (cached by digest under ``$RESUNET_CACHE`` or
-    ``~/.cache/resunet``). ``max_batch_pixels``: see `predict_case_logits` (default: on
-    CUDA ``batch_size`` slices of 256 x 256; on the CPU two, where larger batches measured slower
-    per slice, see benchmarks/RESULTS.md).
+    ``model``: a `resunet.model.LoadedModel` (`load_model`: a checkpoint or an exported ONNX
+    file). ``backend``: see the module docstring (``torch`` is an alias of ``eager``; None: ``eager``
+    for a checkpoint, ``onnx`` for an ONNX file, which runs with ``onnx`` or ``auto`` only); ``onnx`` with
+    a checkpoint exports it first (cached by digest under `resunet.model.cache_root`). ``amp``:
+    autocast (bf16 on the CPU, fp16 on CUDA) around the eager network; the ``bf16`` / ``fp16``
+    backends already are that. ``max_batch_pixels``: see `predict_case_logits` (default: on CUDA
+    ``batch_size`` slices of 256 x 256; on the CPU two, where larger batches measured slower per
+    slice, see benchmarks/RESULTS.md).
     """
 
     def __init__(
         self,
-        checkpoint: "dict[str, Any] | OnnxNetwork",
+        model: LoadedModel,
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         tta: bool = False,
         amp: bool = False,
         postprocess: PostprocessConfig | None = None,
-        source: str = "checkpoint",
-        backend: str = "eager",
+        backend: str | None = None,
         max_batch_pixels: int | None = None,
     ) -> None:
-        from resunet.export.onnx import OnnxNetwork, model_spec
         from resunet.infer.backends import BACKENDS
 
+        if backend is None:  # the natural backend: the file's own
+            backend = "onnx" if model.is_onnx else "eager"
         backend = "eager" if backend == "torch" else backend
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        try:
-            if isinstance(checkpoint, OnnxNetwork):
-                self.spec = checkpoint.spec
-                self.model: Any = checkpoint
-            else:
-                cfg = dict(checkpoint["model"])
-                self.model = build_model(cfg.pop("name"), **cfg)
-                try:
-                    self.model.load_state_dict(checkpoint["state_dict"])
-                except RuntimeError as err:  # e.g. weights of another model under this model config
-                    detail = " ".join(str(err).split())[:300]
-                    raise ModelError(
-                        f"{source}: its weights do not fit its model config {dict(checkpoint['model'])} "
-                        f"({detail}); the file mixes two models -- use the best.pt / last.pt its run wrote"
-                    ) from None
-                self.spec = model_spec(checkpoint, self.model)
-            self.preprocess = PreprocessConfig.model_validate(self.spec["preprocess"])
-            self.labels: dict[str, int] = {str(k): int(v) for k, v in self.spec["labels"].items()}
-            inference = self.spec["inference"]
-            self.mode, self.context = inference["mode"], int(inference["context"])
-            self.patch_size = list(inference["patch_size"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise ModelError(f"{source} does not hold a complete resunet model ({type(err).__name__}: {err})") from None
-        if isinstance(self.model, OnnxNetwork) and backend not in ("onnx", "auto"):
-            raise ConfigError(f"{source} is an ONNX file: it runs with the onnx backend only")
-        if isinstance(self.model, OnnxNetwork) or backend == "onnx":
+        self.device = resolve_device(device)
+        self.spec: ModelSpec = model.spec
+        self.model: Any = model.network
+        self.source = model.source
+        self.preprocess = self.spec.preprocess
+        self.labels: dict[str, int] = dict(self.spec.labels)
+        self.mode, self.context = self.spec.inference.mode, self.spec.inference.context
+        self.patch_size = list(self.spec.inference.patch_size)
+        if model.is_onnx and backend not in ("onnx", "auto"):
+            raise ConfigError(f"{model.source} is an ONNX file: it runs with the onnx backend only")
+        if model.is_onnx or backend == "onnx":
             if self.device.type != "cpu" or amp:
                 raise ConfigError("the onnx backend runs fp32 on the CPU; drop --amp / use --device cpu "
                                   "(on a GPU use --backend tensorrt)")
@@ -149,14 +136,14 @@ class Predictor:
         self.backend = backend
         self.backend_choice: Any = None  # a BackendChoice once ``auto`` has calibrated
         self.net: Any = None if backend == "auto" else self._network(backend)
-        self.batch_size, self.tta, self.amp = batch_size, tta, amp
+        self.batch_size, self.tta = batch_size, tta
+        self.amp = amp and backend not in ("bf16", "fp16")  # those backends autocast already
         if max_batch_pixels is None:  # CPU convolutions are memory-bound: per-slice time grows with the batch
             max_batch_pixels = (batch_size if self.device.type == "cuda" else 2) * 256 * 256
         self.max_batch_pixels = max_batch_pixels
         self.postprocess = postprocess or PostprocessConfig()
 
     def _network(self, name: str) -> Any:
-        from resunet.export.onnx import OnnxNetwork
         from resunet.infer.backends import make_network
 
         if isinstance(self.model, OnnxNetwork):
@@ -165,26 +152,18 @@ class Predictor:
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> "Predictor":
-        """Open a checkpoint (``.pt``) or an exported ONNX file (``.onnx``)."""
-        path = Path(path)
-        if path.suffix.lower() == ".onnx":
-            from resunet.export.onnx import OnnxNetwork
-
-            kwargs.setdefault("backend", "onnx")
-            return cls(OnnxNetwork(path), source=str(path), **kwargs)
-        from resunet.train.checkpoint import load_checkpoint
-
-        return cls(load_checkpoint(path), source=str(path), **kwargs)
+        """`Predictor` of `load_model(path)`: a checkpoint (``.pt``) or an exported ONNX file (``.onnx``)."""
+        return cls(load_model(path), **kwargs)
 
     @property
     def num_input_channels(self) -> int:
         """Image channels (modalities) a case must have: model inputs / (2 * context + 1)."""
-        return self.model.in_channels // (2 * self.context + 1)
+        return self.spec.num_input_channels
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary: model, labels, the input a case must be, backend."""
         return {
-            "model": self.spec["model"], "labels": self.labels, "backend": self.backend,
+            "model": self.spec.model, "labels": self.labels, "backend": self.backend,
             "input": {"channels": self.num_input_channels, "spatial_dims": self.model.spatial_dims,
                       "mode": self.mode, "context": self.context, "divisor": self.model.divisor},
             "preprocess": self.preprocess.model_dump(mode="json"),
@@ -328,23 +307,3 @@ class Predictor:
         if p.fill_holes:
             labels = fill_holes(labels, classes)
         return labels
-
-
-def _onnx_network(model: torch.nn.Module, spec: dict[str, Any], providers: list | None = None) -> "OnnxNetwork":
-    """Export ``model`` to ONNX (or reuse the cached export) and open it with ONNX Runtime."""
-    import tempfile
-
-    from resunet.export.onnx import OnnxNetwork, export_onnx, onnx_cache_path
-
-    cached = onnx_cache_path(spec)
-    if cached is not None and cached.is_file():
-        try:
-            return OnnxNetwork(cached, providers=providers)
-        except ModelError:
-            pass  # a damaged cache entry: export again
-    if cached is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = Path(export_onnx(model, spec, Path(tmp) / "model.onnx")).read_bytes()
-            return OnnxNetwork(data, providers=providers)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    return OnnxNetwork(export_onnx(model, spec, cached), providers=providers)

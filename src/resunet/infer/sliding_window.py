@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resunet.data.sampling import stack_context
 from resunet.errors import ConfigError, InputError, ModelError
+from resunet.hardware import autocast
 
 __all__ = [
     "PadSpec",
@@ -44,7 +46,6 @@ __all__ = [
     "predict_slices",
     "sliding_window_positions",
     "sliding_window_predict",
-    "stack_context",
 ]
 
 Model = Callable[[torch.Tensor], Any]
@@ -160,10 +161,7 @@ class _Progress:
 
 def _run_net(net: Model, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Call the model (under autocast if asked) and check the output is ``(B, K, *spatial)``."""
-    if amp_dtype is not None:
-        with torch.autocast(device_type=x.device.type, dtype=amp_dtype):
-            y = net(x)
-    else:
+    with autocast(x.device, amp_dtype):
         y = net(x)
     if isinstance(y, (list, tuple)):
         if not y:
@@ -433,6 +431,34 @@ def sliding_window_predict(
         Logits ``(B, K, *spatial)`` on ``accumulate_device`` in ``accumulate_dtype`` (a view
         into the padded accumulator when padding was needed).
     """
+    patch, ov = _window_settings(image, patch_size, divisor, overlap)
+    _check_batch_size(batch_size)
+    _check_amp(amp_dtype)
+    _check_accumulate_dtype(accumulate_dtype)
+    if num_out_channels is not None and num_out_channels < 1:
+        raise ConfigError(f"num_out_channels={num_out_channels} must be positive")
+    _warn_if_training(net)
+
+    run_device = torch.device(device) if device is not None else image.device
+    acc_device = torch.device(accumulate_device) if accumulate_device is not None else run_device
+    if not image.dtype.is_floating_point:
+        image = image.float()
+    padded, pad_spec = pad_to_multiple(
+        image, 1, mode=pad_mode, value=pad_value, min_size=patch, spatial_ndim=len(patch)
+    )
+    positions = sliding_window_positions(tuple(padded.shape[2:]), patch, ov)
+    if gaussian:
+        weight_map = gaussian_importance_map(patch, sigma_scale, device=acc_device, dtype=accumulate_dtype)
+    else:
+        weight_map = torch.ones(patch, device=acc_device, dtype=accumulate_dtype)
+    out = _blend_windows(padded, net, positions, patch, weight_map, batch_size, num_out_channels,
+                         run_device, amp_dtype, progress)
+    return crop_padding(out, pad_spec)
+
+
+def _window_settings(image: torch.Tensor, patch_size: SizeArg | None, divisor: SizeArg,
+                     overlap: float | Sequence[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Checked window size and overlap per spatial axis for ``image`` ``(B, C, *S)``."""
     if not isinstance(image, torch.Tensor):
         raise InputError(f"sliding_window_predict needs a torch.Tensor, got {type(image).__name__}")
     if patch_size is not None and not isinstance(patch_size, (int, np.integer)):
@@ -463,44 +489,24 @@ def sliding_window_predict(
             )
     ov = _as_tuple(overlap, ndim, "overlap", kind=float)
     _check_overlap(ov)
-    _check_batch_size(batch_size)
-    _check_amp(amp_dtype)
-    _check_accumulate_dtype(accumulate_dtype)
-    if num_out_channels is not None and num_out_channels < 1:
-        raise ConfigError(f"num_out_channels={num_out_channels} must be positive")
-    _warn_if_training(net)
+    return patch, ov
 
-    run_device = torch.device(device) if device is not None else image.device
-    acc_device = torch.device(accumulate_device) if accumulate_device is not None else run_device
-    if not image.dtype.is_floating_point:
-        image = image.float()
 
-    padded, pad_spec = pad_to_multiple(
-        image, 1, mode=pad_mode, value=pad_value, min_size=patch, spatial_ndim=ndim
-    )
-    spatial = tuple(padded.shape[2:])
-    positions = sliding_window_positions(spatial, patch, ov)
-    batch = image.shape[0]
-
-    if gaussian:
-        weight_acc_map = gaussian_importance_map(
-            patch, sigma_scale, device=acc_device, dtype=accumulate_dtype
-        )
-    else:
-        weight_acc_map = torch.ones(patch, device=acc_device, dtype=accumulate_dtype)
-    weight_run_map = weight_acc_map.to(run_device)
-
+def _blend_windows(padded: torch.Tensor, net: Model, positions: list, patch: tuple[int, ...],
+                   weight_map: torch.Tensor, batch_size: int, num_out_channels: int | None,
+                   run_device: torch.device, amp_dtype: torch.dtype | None, progress: ProgressArg) -> torch.Tensor:
+    """Weighted sum of the window logits over ``padded`` ``(B, C, *S)`` divided by the summed
+    weights: ``(B, K, *S)`` on ``weight_map``'s device and dtype."""
+    acc_device, acc_dtype = weight_map.device, weight_map.dtype
+    spatial, batch = tuple(padded.shape[2:]), padded.shape[0]
+    weight_run_map = weight_map.to(run_device)
     # The weight sum only depends on the window positions: one spatial map for every b and k.
-    weights = torch.zeros(spatial, device=acc_device, dtype=accumulate_dtype)
+    weights = torch.zeros(spatial, device=acc_device, dtype=acc_dtype)
     for start in positions:
-        weights[tuple(slice(s, s + p) for s, p in zip(start, patch))] += weight_acc_map
-
+        weights[tuple(slice(s, s + p) for s, p in zip(start, patch))] += weight_map
     out: torch.Tensor | None = None
     if num_out_channels is not None:
-        out = torch.zeros(
-            (batch, num_out_channels, *spatial), device=acc_device, dtype=accumulate_dtype
-        )
-
+        out = torch.zeros((batch, num_out_channels, *spatial), device=acc_device, dtype=acc_dtype)
     jobs = [(b, start) for b in range(batch) for start in positions]
     bar = _Progress(progress, len(jobs), "sliding window")
     try:
@@ -513,10 +519,8 @@ def sliding_window_predict(
             logits = _run_net(net, x, amp_dtype)
             _check_channels(logits, num_out_channels)
             if out is None:
-                out = torch.zeros(
-                    (batch, logits.shape[1], *spatial), device=acc_device, dtype=accumulate_dtype
-                )
-            weighted = (logits.to(accumulate_dtype) * weight_run_map).to(acc_device)
+                out = torch.zeros((batch, logits.shape[1], *spatial), device=acc_device, dtype=acc_dtype)
+            weighted = (logits.to(acc_dtype) * weight_run_map).to(acc_device)
             for i, ((b, _), sl) in enumerate(zip(chunk, slicers)):
                 out[(b, slice(None), *sl)] += weighted[i]
             bar.advance(len(chunk))
@@ -524,56 +528,12 @@ def sliding_window_predict(
         bar.close()
     assert out is not None  # at least one window always exists
     out /= weights
-    return crop_padding(out, pad_spec)
+    return out
 
 
 # --------------------------------------------------------------------------- slices (2.5-D)
 
 
-def stack_context(
-    volume: torch.Tensor | np.ndarray,
-    indices: Sequence[int] | torch.Tensor | np.ndarray,
-    context: int,
-) -> torch.Tensor | np.ndarray:
-    """Gather 2.5-D model inputs: each slice with ``context`` neighbours on each side.
-
-    Args:
-        volume: ``(C, D, H, W)`` tensor or array.
-        indices: ``N`` slice indices along ``D``.
-        context: ``k >= 0``; neighbours beyond the volume are clamped (the first/last slice is
-            repeated).
-
-    Returns:
-        ``(N, C * (2k + 1), H, W)``, same type (tensor/array) and dtype as ``volume``.
-        Channel order: for each input channel ``c``, slices ``z-k, ..., z+k``; i.e. channel
-        ``c * (2k + 1) + j`` holds channel ``c`` of slice ``clamp(z - k + j, 0, D - 1)``.
-        With ``context=0`` this is the plain ``(N, C, H, W)`` slice batch.
-    """
-    if volume.ndim != 4:
-        raise InputError(
-            f"stack_context needs a (C, D, H, W) volume, got shape {tuple(volume.shape)}"
-        )
-    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
-        raise ConfigError(f"context={context!r} must be a non-negative integer")
-    depth = int(volume.shape[1])
-    idx = np.asarray(
-        indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices,
-        dtype=np.int64,
-    ).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= depth):
-        raise InputError(f"slice indices {idx.tolist()} are outside 0..{depth - 1}")
-    offsets = np.arange(-context, context + 1, dtype=np.int64)
-    gather = np.clip(idx[:, None] + offsets[None, :], 0, depth - 1)  # (N, 2k+1)
-    n, width = gather.shape
-    c, _, h, w = volume.shape
-    if isinstance(volume, torch.Tensor):
-        picked = volume[:, torch.from_numpy(gather.reshape(-1)).to(volume.device)]
-        return picked.reshape(c, n, width, h, w).permute(1, 0, 2, 3, 4).reshape(n, c * width, h, w)
-    picked = np.asarray(volume)[:, gather.reshape(-1)]
-    return picked.reshape(c, n, width, h, w).transpose(1, 0, 2, 3, 4).reshape(n, c * width, h, w)
-
-
-@torch.inference_mode()
 def predict_slices(
     volume: torch.Tensor,
     net: Model,
@@ -610,24 +570,10 @@ def predict_slices(
         Logits ``(K, D, H, W)`` on ``accumulate_device`` (default ``device``, default the
         volume's) in ``accumulate_dtype``.
     """
-    if not isinstance(volume, torch.Tensor):
-        raise InputError(f"predict_slices needs a torch.Tensor, got {type(volume).__name__}")
-    if volume.ndim != 4 or any(s < 1 for s in volume.shape):
-        raise InputError(
-            f"predict_slices needs a non-empty (C, D, H, W) volume, got {tuple(volume.shape)}"
-        )
+    div, patch = _slice_settings(volume, context, divisor, patch_size)
     _check_batch_size(batch_size)
     _check_amp(amp_dtype)
     _check_accumulate_dtype(accumulate_dtype)
-    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
-        raise ConfigError(f"context={context!r} must be a non-negative integer")
-    div = _positive(_as_tuple(divisor, 2, "divisor"), "divisor")
-    if patch_size is not None:
-        patch = _positive(_as_tuple(patch_size, 2, "patch_size"), "patch_size")
-        if any(p % d for p, d in zip(patch, div)):
-            raise ConfigError(
-                f"patch_size={patch} is not a multiple of the model's divisor {div}"
-            )
     if num_out_channels is not None and num_out_channels < 1:
         raise ConfigError(f"num_out_channels={num_out_channels} must be positive")
     _warn_if_training(net)
@@ -638,49 +584,55 @@ def predict_slices(
         volume = volume.float()
     depth, height, width = volume.shape[1:]
 
+    def predict_batch(x: torch.Tensor) -> torch.Tensor:  # (n, C', H, W) -> (n, K, H, W)
+        if patch is None:
+            x, pad_spec = pad_to_multiple(x, div, mode=pad_mode, value=pad_value, spatial_ndim=2)
+            y = crop_padding(_run_net(net, x.to(run_device), amp_dtype), pad_spec)
+            _check_channels(y, num_out_channels)
+            return y
+        return sliding_window_predict(
+            x, net, patch, overlap=overlap, batch_size=batch_size, gaussian=gaussian,
+            num_out_channels=num_out_channels, accumulate_dtype=accumulate_dtype, device=run_device,
+            accumulate_device=acc_device, divisor=div, amp_dtype=amp_dtype, pad_mode=pad_mode,
+            pad_value=pad_value,
+        )
+
     out: torch.Tensor | None = None
     if num_out_channels is not None:
-        out = torch.empty(
-            (num_out_channels, depth, height, width), device=acc_device, dtype=accumulate_dtype
-        )
+        out = torch.empty((num_out_channels, depth, height, width), device=acc_device, dtype=accumulate_dtype)
     bar = _Progress(progress, depth, "slices")
     try:
         for z0 in range(0, depth, batch_size):
             z1 = min(depth, z0 + batch_size)
-            x = stack_context(volume, range(z0, z1), context)
-            if patch_size is None:
-                x, pad_spec = pad_to_multiple(
-                    x, div, mode=pad_mode, value=pad_value, spatial_ndim=2
-                )
-                y = crop_padding(_run_net(net, x.to(run_device), amp_dtype), pad_spec)
-                _check_channels(y, num_out_channels)
-            else:
-                y = sliding_window_predict(
-                    x,
-                    net,
-                    patch,
-                    overlap=overlap,
-                    batch_size=batch_size,
-                    gaussian=gaussian,
-                    num_out_channels=num_out_channels,
-                    accumulate_dtype=accumulate_dtype,
-                    device=run_device,
-                    accumulate_device=acc_device,
-                    divisor=div,
-                    amp_dtype=amp_dtype,
-                    pad_mode=pad_mode,
-                    pad_value=pad_value,
-                )
+            y = predict_batch(stack_context(volume, range(z0, z1), context))
             if out is None:
-                out = torch.empty(
-                    (y.shape[1], depth, height, width), device=acc_device, dtype=accumulate_dtype
-                )
+                out = torch.empty((y.shape[1], depth, height, width), device=acc_device, dtype=accumulate_dtype)
             out[:, z0:z1] = y.to(device=acc_device, dtype=accumulate_dtype).transpose(0, 1)
             bar.advance(z1 - z0)
     finally:
         bar.close()
     assert out is not None
     return out
+
+
+def _slice_settings(volume: torch.Tensor, context: int, divisor: SizeArg, patch_size: SizeArg | None
+                    ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Checked in-plane divisor and window size (None: whole slices) for `predict_slices`."""
+    if not isinstance(volume, torch.Tensor):
+        raise InputError(f"predict_slices needs a torch.Tensor, got {type(volume).__name__}")
+    if volume.ndim != 4 or any(s < 1 for s in volume.shape):
+        raise InputError(
+            f"predict_slices needs a non-empty (C, D, H, W) volume, got {tuple(volume.shape)}"
+        )
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
+        raise ConfigError(f"context={context!r} must be a non-negative integer")
+    div = _positive(_as_tuple(divisor, 2, "divisor"), "divisor")
+    if patch_size is None:
+        return div, None
+    patch = _positive(_as_tuple(patch_size, 2, "patch_size"), "patch_size")
+    if any(p % d for p, d in zip(patch, div)):
+        raise ConfigError(f"patch_size={patch} is not a multiple of the model's divisor {div}")
+    return div, patch
 
 
 # --------------------------------------------------------------------------- test-time flips

@@ -23,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from resunet.data.cache import build_cache
-from resunet.data.datasets import DatasetInfo, find_dataset, read_label, validate_dataset
+from resunet.data.datasets import DatasetInfo, find_dataset, label_layout, read_label, validate_dataset
 from resunet.data.preprocess import PreprocessConfig
 from resunet.errors import InputError
+from resunet.model.paths import cache_root
 from resunet.plan import rules
 from resunet.plan.fingerprint import DatasetFingerprint, fingerprint_dataset
 from resunet.plan.rules import Choice
@@ -80,7 +81,6 @@ def _show(value: Any) -> str:
 
 def _label_layout(info: DatasetInfo, fp: DatasetFingerprint) -> int:
     """Output channels (`label_layout`'s check of the label values), and every class somewhere."""
-    from resunet.train.trainer import label_layout
 
     out_channels = label_layout(info)[1]
     missing = [c.name for c in fp.classes if c.cases_present == 0]
@@ -115,14 +115,13 @@ def plan_dataset(
 ) -> Plan:
     """Plan a training run on ``dataset`` that fits ``minutes`` (the whole command, from
     ``started``, a `time.perf_counter` value; default now) on this machine."""
-    from resunet.train.trainer import default_cache_dir
 
     t0 = time.perf_counter() if started is None else started
     if not minutes > 0:
         raise InputError(f"the budget must be positive minutes, got {minutes}")
     info = find_dataset(dataset)
     validate_dataset(info)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
     fp = fingerprint_dataset(info, cache, progress=progress)
     _check_images(fp, info)
     out_channels = _label_layout(info, fp)
@@ -134,8 +133,6 @@ def plan_dataset(
     choices.append(why)
     foreground, why = rules.plan_foreground_fraction(fp)
     choices.append(why)
-    n_train = fp.num_cases - int(round(fp.num_cases * val_fraction))
-
     tree: dict[str, Any] = {
         "data": {"dataset": str(info.root), "cache_dir": str(cache), "val_fraction": val_fraction,
                  "preprocess": preprocess, "foreground_fraction": foreground},
@@ -151,96 +148,138 @@ def plan_dataset(
     index = build_cache(info.training, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
-    in_channels = int(cases[0].image.shape[0])
-
+    search = _CandidateSearch(tree, fp, cases, out_channels, minutes, t0, device)
     three_d, two_d, mode_reason = rules.geometry_candidates(fp, preprocess["target_spacing"], minutes)
-    timings: list[dict[str, Any]] = []
-    precision = None
-    chosen = None
-    budget = minutes * 60.0
+    candidate, seconds, minimum = search.choose(three_d, two_d)
+    choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, fp, minutes, minimum)
+    config = _schedule_and_augment(tree, candidate, seconds, search, choices)
+    config.max_minutes = round(max(0.1, (minutes * 60.0 - (time.perf_counter() - t0)) / 60.0), 3)
+    planning = time.perf_counter() - t0
+    config.plan = {
+        "minutes": minutes,
+        "planning_seconds": round(planning, 1),
+        "choices": [{"key": c.key, "value": _show(c.value), "reason": c.reason} for c in choices],
+        "timings": search.timings,
+        "fingerprint": summarize_fingerprint(fp),
+    }
+    return Plan(config, choices, fp, planning, search.timings)
 
-    def measure(candidate: dict[str, Any]) -> float:
-        nonlocal precision
-        config = _candidate_config(tree, candidate, fp, n_train, amp=False, epochs=1)
-        channels = in_channels * (2 * candidate["context"] + 1)
-        if precision is None:
-            precision = choose_precision(config, cases, channels, out_channels, device=device)
-            seconds = precision.bf16_seconds if precision.amp else precision.fp32_seconds
-        else:
-            config.amp = precision.amp
-            seconds = time_training(config, cases, channels, out_channels, amp=precision.amp,
-                                    device=device).seconds
-        timings.append({**candidate, "seconds_per_step": round(seconds, 4), "amp": precision.amp})
-        return seconds
 
-    def steps_left(seconds: float) -> float:
-        left = budget * (1 - SAFETY) - (time.perf_counter() - t0)
+class _CandidateSearch:
+    """Times candidate networks on the cached cases and keeps the first that fits the budget.
+
+    The cheapest 2-D candidate is timed first (it also decides the precision). Every other
+    candidate gets an optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D
+    convolutions use the cores better per MAC) and is timed only when even that estimate would
+    leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
+    """
+
+    def __init__(self, tree: dict[str, Any], fp: DatasetFingerprint, cases: list, out_channels: int,
+                 minutes: float, t0: float, device: str) -> None:
+        self.tree, self.fp, self.cases, self.out_channels = tree, fp, cases, out_channels
+        self.minutes, self.t0, self.device = minutes, t0, device
+        self.in_channels = int(cases[0].image.shape[0])
+        self.n_train = fp.num_cases - int(round(fp.num_cases * tree["data"]["val_fraction"]))
+        self.precision: Any = None
+        self.timings: list[dict[str, Any]] = []
+        self._anchor_seconds, self._anchor_macs = 0.0, 1.0
+
+    def estimate(self, candidate: dict[str, Any]) -> float:
+        """Optimistic seconds per step of ``candidate`` from the timed anchor and the MAC ratio."""
+        macs = _macs(candidate, self.in_channels, self.out_channels)
+        return self._anchor_seconds * macs / self._anchor_macs / OPTIMISM
+
+    def steps_left(self, seconds: float) -> float:
+        """Steps of ``seconds`` that fit in what is left of the budget (safety margin off)."""
+        left = self.minutes * 60.0 * (1 - SAFETY) - (time.perf_counter() - self.t0)
         return left / seconds
 
-    # The cheapest 2-D candidate is timed first (it also decides the precision). Every other
-    # candidate gets an optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D
-    # convolutions use the cores better per MAC) and is timed only when even that estimate would
-    # leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
-    anchor = two_d[-1]
-    t_anchor = measure(anchor)
-    macs_anchor = _macs(anchor, in_channels, out_channels)
+    def measure(self, candidate: dict[str, Any]) -> float:
+        """Seconds per training step of ``candidate``, timed (the first also chooses the precision)."""
+        config = _candidate_config(self.tree, candidate, self.fp, self.n_train, amp=False, epochs=1)
+        channels = self.in_channels * (2 * candidate["context"] + 1)
+        if self.precision is None:
+            self.precision = choose_precision(config, self.cases, channels, self.out_channels, device=self.device)
+            seconds = self.precision.bf16_seconds if self.precision.amp else self.precision.fp32_seconds
+        else:
+            config.amp = self.precision.amp
+            seconds = time_training(config, self.cases, channels, self.out_channels, amp=self.precision.amp,
+                                    device=self.device).seconds
+        self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "amp": self.precision.amp})
+        return seconds
 
-    def estimate(c: dict[str, Any]) -> float:
-        return t_anchor * _macs(c, in_channels, out_channels) / macs_anchor / OPTIMISM
+    def _affordable(self, candidate: dict[str, Any], minimum: int) -> float | None:
+        """The timed step of ``candidate`` when its estimate (then its timing) leaves ``minimum`` steps."""
+        guess = self.estimate(candidate)
+        if self.steps_left(guess) < minimum:
+            self.timings.append({**candidate, "estimated_seconds_per_step": round(guess, 4)})
+            return None
+        seconds = self.measure(candidate)
+        return seconds if self.steps_left(seconds) >= minimum else None
 
-    for candidate in sorted(three_d, key=lambda c: c["base_channels"]):
-        guess = estimate(candidate)
-        if steps_left(guess) < rules.MIN_STEPS_3D:
-            timings.append({**candidate, "estimated_seconds_per_step": round(guess, 4)})
-            break
-        seconds = measure(candidate)
-        if steps_left(seconds) < rules.MIN_STEPS_3D:
-            break
-        chosen = (candidate, seconds, rules.MIN_STEPS_3D)
-    if chosen is None:
+    def choose(self, three_d: list[dict[str, Any]], two_d: list[dict[str, Any]]) -> tuple[dict[str, Any], float, int]:
+        """``(candidate, seconds per step, minimum steps it met)`` (minimum 0: nothing met it)."""
+        anchor = two_d[-1]
+        t_anchor = self._anchor_seconds = self.measure(anchor)
+        self._anchor_macs = _macs(anchor, self.in_channels, self.out_channels)
+        chosen = None
+        for candidate in sorted(three_d, key=lambda c: c["base_channels"]):
+            seconds = self._affordable(candidate, rules.MIN_STEPS_3D)
+            if seconds is None:
+                break
+            chosen = (candidate, seconds, rules.MIN_STEPS_3D)
+        if chosen is not None:
+            return chosen
         for candidate in two_d:
             if candidate is anchor:
-                seconds = t_anchor
-            elif steps_left(estimate(candidate)) < rules.MIN_STEPS:
-                timings.append({**candidate, "estimated_seconds_per_step": round(estimate(candidate), 4)})
-                continue
+                seconds = t_anchor if self.steps_left(t_anchor) >= rules.MIN_STEPS else None
             else:
-                seconds = measure(candidate)
-            if steps_left(seconds) >= rules.MIN_STEPS:
-                chosen = (candidate, seconds, rules.MIN_STEPS)
-                break
-    if chosen is None:  # nothing leaves the minimum: the cheapest 2-D candidate, as many steps as fit
-        chosen = (anchor, t_anchor, 0)
-    candidate, seconds, minimum = chosen
+                seconds = self._affordable(candidate, rules.MIN_STEPS)
+            if seconds is not None:
+                return candidate, seconds, rules.MIN_STEPS
+        return anchor, t_anchor, 0  # nothing leaves the minimum: the cheapest 2-D candidate
+
+
+def _geometry_choices(candidate: dict[str, Any], search: _CandidateSearch, had_3d: bool, mode_reason: str,
+                      fp: DatasetFingerprint, minutes: float, minimum: int) -> list[Choice]:
+    """The choices (with reasons) of mode, patch, depth, batch, width and precision."""
+    timings = search.timings
     mode_text = {"2d": "2-D" if fp.is_flat else "2.5-D (3 slices in)", "3d": "3-D"}[candidate["mode"]]
-    if candidate["mode"] == "2d" and three_d:
+    if candidate["mode"] == "2d" and had_3d:
         t3 = next(t for t in timings if t["mode"] == "3d")
         how = (f"{t3['seconds_per_step']:.2f} s timed" if "seconds_per_step" in t3 else
                f">= {t3['estimated_seconds_per_step']:.2f} s estimated from the 2-D step and the MACs")
         mode_reason = (f"3-D steps ({how}) leave fewer than {rules.MIN_STEPS_3D} steps in {minutes:g} min; "
                        "2.5-D slices along the first axis")
-    choices.append(Choice("data.mode", mode_text, mode_reason))
-    choices.append(Choice("stages.0.patch_size", candidate["patch_size"],
-                          "median image shape at the target spacing" + (
-                              f", at most {rules.max_patch_side(minutes)} px per side in {minutes:g} min"
-                              if candidate["mode"] == "2d" else f", at most {rules.MAX_3D_VOXELS} voxels")
-                          + f", a multiple of {2 ** (candidate['depth'] - 1)}"))
-    choices.append(Choice("model.depth", candidate["depth"], "poolings while the smallest patch axis stays >= 8"))
-    choices.append(Choice("stages.0.batch_size", candidate["batch_size"],
-                          "a fixed number of pixels per step, at least 8 slices (BatchNorm)" if candidate["mode"] == "2d"
-                          else "a fixed number of voxels per step, at least 2 patches"))
     tried = ", ".join(f"{t['mode']} base {t['base_channels']}: " + (
         f"{t['seconds_per_step']:.3f} s" if "seconds_per_step" in t else f">= {t['estimated_seconds_per_step']:.3f} s est.")
         for t in timings)
-    choices.append(Choice("model.base_channels", candidate["base_channels"],
-                          (f"widest whose step leaves >= {minimum} steps" if minimum else
-                           "no candidate leaves the minimum steps: the cheapest") + f" (timed here: {tried})"))
-    choices.append(Choice("amp", "bf16" if precision.amp else "fp32", precision.reason))
+    return [
+        Choice("data.mode", mode_text, mode_reason),
+        Choice("stages.0.patch_size", candidate["patch_size"],
+               "median image shape at the target spacing" + (
+                   f", at most {rules.max_patch_side(minutes)} px per side in {minutes:g} min"
+                   if candidate["mode"] == "2d" else f", at most {rules.MAX_3D_VOXELS} voxels")
+               + f", a multiple of {2 ** (candidate['depth'] - 1)}"),
+        Choice("model.depth", candidate["depth"], "poolings while the smallest patch axis stays >= 8"),
+        Choice("stages.0.batch_size", candidate["batch_size"],
+               "a fixed number of pixels per step, at least 8 slices (BatchNorm)" if candidate["mode"] == "2d"
+               else "a fixed number of voxels per step, at least 2 patches"),
+        Choice("model.base_channels", candidate["base_channels"],
+               (f"widest whose step leaves >= {minimum} steps" if minimum else
+                "no candidate leaves the minimum steps: the cheapest") + f" (timed here: {tried})"),
+        Choice("amp", "bf16" if search.precision.amp else "fp32", search.precision.reason),
+    ]
 
-    # what is left of the budget: validations and the safety margin come off
-    val_cases = int(round(fp.num_cases * val_fraction))
-    validation_s = _validation_seconds(fp, val_cases, candidate, seconds, preprocess["target_spacing"])
-    left = budget * (1 - SAFETY) - (time.perf_counter() - t0)
+
+def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], seconds: float,
+                          search: _CandidateSearch, choices: list[Choice]) -> TrainConfig:
+    """Epochs x iterations from what is left of the budget (validations and the safety margin
+    come off), validation interval, augmentation, warm-up: the final config (``choices`` grows)."""
+    fp, minutes = search.fp, search.minutes
+    val_cases = int(round(fp.num_cases * tree["data"]["val_fraction"]))
+    validation_s = _validation_seconds(fp, val_cases, candidate, seconds, tree["data"]["preprocess"]["target_spacing"])
+    left = minutes * 60.0 * (1 - SAFETY) - (time.perf_counter() - search.t0)
     n_validations = 5 if val_cases else 0
     epochs, per_epoch, why = rules.plan_schedule(seconds * LOOP_OVERHEAD, left - n_validations * validation_s, minutes)
     choices.append(why)
@@ -248,24 +287,13 @@ def plan_dataset(
     if val_cases:
         choices.append(Choice("val_interval", val_interval,
                               f"every {val_interval} epochs (~{validation_s:.0f} s per validation of {val_cases} cases)"))
-    augment, why = rules.plan_augmentation(fp, candidate["mode"], n_train,
+    augment, why = rules.plan_augmentation(fp, candidate["mode"], search.n_train,
                                            one_scale=any(c.value == rules.ONE_SCALE for c in choices))
     choices.append(why)
     tree["augment"] = augment
-    warmup = max(10, int(0.02 * epochs * per_epoch))
-    tree["schedule"]["warmup_iterations"] = warmup
-    config = _candidate_config(tree, candidate, fp, n_train, amp=precision.amp, epochs=epochs,
-                               per_epoch=per_epoch, val_interval=val_interval)
-    config.max_minutes = round(max(0.1, (budget - (time.perf_counter() - t0)) / 60.0), 3)
-    planning = time.perf_counter() - t0
-    config.plan = {
-        "minutes": minutes,
-        "planning_seconds": round(planning, 1),
-        "choices": [{"key": c.key, "value": _show(c.value), "reason": c.reason} for c in choices],
-        "timings": timings,
-        "fingerprint": summarize_fingerprint(fp),
-    }
-    return Plan(config, choices, fp, planning, timings)
+    tree["schedule"]["warmup_iterations"] = max(10, int(0.02 * epochs * per_epoch))
+    return _candidate_config(tree, candidate, fp, search.n_train, amp=search.precision.amp, epochs=epochs,
+                             per_epoch=per_epoch, val_interval=val_interval)
 
 
 def summarize_fingerprint(fp: DatasetFingerprint) -> dict[str, Any]:

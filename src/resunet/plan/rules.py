@@ -218,7 +218,6 @@ def geometry_candidates(
     and falls back to the 2-D ones when they leave too few steps.
     """
     shape = fp.median_shape_at(tuple(spacing))
-    n = fp.spatial_ndim
     two_d: list[dict[str, Any]] = []
     side = max_patch_side(minutes)
     inplane = [min(float(s), side) for s in shape[-2:]]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from resunet.data.sampling import PatchSampler
-from resunet.infer.backends import native_bf16
+from resunet.hardware import native_bf16
 from resunet.train.config import TrainConfig
 
 __all__ = ["PrecisionChoice", "StepTiming", "choose_precision", "precision_guard", "time_training"]
@@ -60,7 +60,7 @@ def time_training(
     """
     from resunet.nets import build_model
     from resunet.train.steps import train_step
-    from resunet.train.trainer import epoch_generators, make_batch, make_loss, make_optimizer
+    from resunet.train.trainer import augment_generator, make_batch, make_loss, make_optimizer
 
     stage = config.stages[0]
     spatial_dims = 2 if config.data.mode == "2d" else 3
@@ -75,7 +75,8 @@ def time_training(
                                   enabled=amp and torch.device(device).type == "cuda")
     sampler = PatchSampler(list(cases), stage.patch_size, stage.batch_size, config.data.foreground_fraction,
                            context=config.data.context, seed=0)
-    sampler.rng, generator = epoch_generators(config.seed, 0)
+    sampler.reseed(config.seed, 0, 0)
+    generator = augment_generator(config.seed, 0)
     times, losses = [], []
     for _ in range(warmup + repeats):
         t0 = time.perf_counter()

@@ -64,7 +64,7 @@ from resunet.data.volume import Volume
 from resunet.errors import ConfigError, ResunetError
 from resunet.serve.batching import BatchResult, DynamicBatcher, QueueFull, Stopped
 
-__all__ = ["ServerMetrics", "create_app", "load_predictor", "run_http_server"]
+__all__ = ["ServerMetrics", "create_app", "run_http_server"]
 
 log = logging.getLogger("resunet.serve.http")
 
@@ -491,24 +491,6 @@ def create_app(
 
 
 # --------------------------------------------------------------------------- running
-
-
-def load_predictor(model: str | os.PathLike[str], *, backend: str = "eager", device: str = "cpu",
-                   batch_size: int = 8) -> Any:
-    """`Predictor.from_file` for the server; a ``.onnx`` model implies the onnx backend.
-
-    ``backend``: any name `Predictor` knows (`resunet.infer.backends`); unknown ones raise `ConfigError`.
-    """
-    from resunet.infer.predictor import Predictor
-
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    if Path(model).suffix.lower() == ".onnx":
-        backend = "onnx"
-    return Predictor.from_file(model, device=device, batch_size=batch_size, backend=backend)
 
 
 def _bind(host: str, port: int) -> socket.socket:

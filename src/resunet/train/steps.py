@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from resunet.hardware import amp_dtype, autocast
 from resunet.infer.postprocess import logits_to_labels
 from resunet.infer.predictor import predict_case_logits
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CPU, fp16 on CUDA; a no-op context when ``amp`` is False."""
-    if not amp:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
+from resunet.metrics import dice_from_counts
 
 def train_step(
     model: nn.Module,
@@ -37,7 +29,7 @@ def train_step(
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(images.device, amp):
+    with autocast(images.device, amp_dtype(images.device, amp)):
         logits = model(images)
     loss = loss_fn(logits.float(), labels)
     scaler.scale(loss).backward()
@@ -82,11 +74,9 @@ def validation_counts(
     return out
 
 
-def dice_from_counts(counts: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
+def summarize_validation(counts: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
     """(mean validation loss, Dice per foreground class) from summed `validation_counts`."""
     fg = max(1, num_classes - 1)
     loss = float(counts[0] / counts[1].clamp_min(1))
     tp, fp, fn = counts[2 : 2 + fg], counts[2 + fg : 2 + 2 * fg], counts[2 + 2 * fg :]
-    denom = 2 * tp + fp + fn
-    dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.ones_like(tp))
-    return loss, [float(d) for d in dice]
+    return loss, [float(d) for d in dice_from_counts(tp, fp, fn)]

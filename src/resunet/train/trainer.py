@@ -16,10 +16,9 @@ iteration of the last epoch lets the run finish normally.
 
 from __future__ import annotations
 
-import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.augment import AugmentConfig, augment_batch
 from resunet.data.cache import CachedCase, build_cache
-from resunet.data.datasets import DatasetInfo, find_dataset, read_label, validate_dataset
+from resunet.data.datasets import DatasetInfo, find_dataset, label_layout, read_label, validate_dataset
 from resunet.data.io import atomic_write
 from resunet.data.sampling import PatchSampler
-from resunet.errors import ConfigError, InputError
+from resunet.errors import ConfigError
+from resunet.hardware import resolve_device
 from resunet.losses import DiceFocalLoss
-from resunet.nets import build_model, model_config
-from resunet.train.checkpoint import load_checkpoint, load_matching_weights, save_checkpoint
-from resunet.train.config import TrainConfig, dump_config
+from resunet.model import ModelSpec, cache_root, checkpoint_payload, load_checkpoint, load_matching_weights, save_checkpoint
+from resunet.nets import build_model
+from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from resunet.train.logger import RunLogger
 from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
 from resunet.train.stages import epochs_that_fit, lr_factor, shrink_last_stages, stage_for_epoch
-from resunet.train.steps import dice_from_counts, train_step, validation_counts
+from resunet.train.steps import summarize_validation, train_step, validation_counts
 
 console = Console(stderr=True)
 
@@ -53,10 +53,6 @@ class FitResult:
     epochs_run: int
     best_val_dice: float | None
     stopped_early: bool
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RESUNET_CACHE", Path.home() / ".cache" / "resunet"))
 
 
 def split_cases(info: DatasetInfo, config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -79,26 +75,11 @@ def split_cases(info: DatasetInfo, config: TrainConfig) -> tuple[list[str], list
     return train, val
 
 
-def label_layout(info: DatasetInfo) -> tuple[dict[str, int], int]:
-    """Label names -> values (must be 0..K-1) and the number of output channels (1 when binary)."""
-    labels = dict(sorted(info.labels.items(), key=lambda kv: kv[1]))
-    values = sorted(labels.values())
-    if values != list(range(len(values))) or len(values) < 2:
-        raise InputError(
-            f"{info.dataset_json or info.root}: labels must be 0 (background), 1, ..., K-1 without gaps, "
-            f"got {labels}; renumber the label maps and dataset.json (e.g. 0, 1, 5 -> 0, 1, 2)"
-        )
-    return labels, 1 if len(values) == 2 else len(values)
-
-
-def epoch_generators(seed: int, epoch: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
-    """The RNGs one epoch draws its batches from: the sampler's numpy generator (slice / patch
-    placement) and the CPU ``torch.Generator`` of `augment_batch`, both seeded by ``(seed, epoch,
-    rank)`` only, so a resumed run sees exactly the batches an uninterrupted one would."""
-    return (
-        np.random.default_rng([seed, epoch, rank]),
-        torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1009 + rank),
-    )
+def augment_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The CPU ``torch.Generator`` one epoch's `augment_batch` draws from, seeded by ``(seed,
+    epoch, rank)`` only (as `PatchSampler.reseed` for placements), so a resumed run sees exactly
+    the batches an uninterrupted one would."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
 
 
 def make_batch(
@@ -129,14 +110,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _resolve_device(kind: str) -> torch.device:
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use device: cpu")
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(kind)
-
-
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -152,7 +125,7 @@ def _progress(enabled: bool) -> Progress:
 
 def fit(config: TrainConfig, resume: bool = False) -> FitResult:
     """Train as ``config`` says; with ``resume`` continue from ``<output_dir>/last.pt``."""
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
@@ -166,23 +139,90 @@ def fit(config: TrainConfig, resume: bool = False) -> FitResult:
             stop.restore()
 
 
+@dataclass
+class _Run:
+    """What the epochs of one `fit` share: the parts, and the state ``last.pt`` restores."""
+
+    config: TrainConfig
+    device: torch.device
+    dist: DistInfo
+    stop: StopRequest
+    labels: dict[str, int]
+    out_channels: int
+    train_cases: list[CachedCase]
+    val_cases: list[CachedCase]
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: DiceFocalLoss
+    logger: RunLogger
+    best: float | None = None
+    bad_validations: int = 0
+    start_epoch: int = 0
+    start_iteration: int = 0  # resumed mid-epoch: iterations of ``start_epoch`` already trained
+    resumed_losses: list[float] = field(default_factory=list)
+    epochs_run: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [n for n, v in self.labels.items() if v != 0]
+
+    @property
+    def channels_last(self) -> bool:
+        return self.config.channels_last and self.config.data.mode == "2d"
+
+    def payload(self, stage: StageConfig, epoch: int, row: dict[str, Any], state: bool) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` epochs: weights, `ModelSpec`, run record (+ training state)."""
+        config = self.config
+        spec = ModelSpec.for_network(
+            self.model, preprocess=config.data.preprocess, labels=self.labels, plan=config.plan,
+            inference={"mode": config.data.mode, "context": config.data.context, "patch_size": list(stage.patch_size)},
+        )
+        record: dict[str, Any] = {
+            "train_config": config.model_dump(mode="json"), "epoch": epoch,
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+            "history": [dict(r) for r in self.logger.rows],
+        }
+        if state:
+            record["training_state"] = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng_torch": torch.get_rng_state(),
+                "best": self.best, "bad_validations": self.bad_validations,
+            }
+        return checkpoint_payload(spec, self.model.state_dict(), **record)
+
+
 def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: DistInfo,
          stop: StopRequest) -> FitResult:
     run_dir = Path(config.output_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if not resume and last_path.exists():
+    if not resume and (run_dir / "last.pt").exists():
         raise ConfigError(
             f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir} or choose another output dir"
         )
     _seed_everything(config.seed, config.deterministic)
+    run = _start(config, device, dist_info, stop, resume)
+    stopped_early = _train_epochs(run)
+    best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
+    if dist_info.is_main and not best_path.exists() and last_path.exists():
+        # no validation cases: the last weights are the best we have
+        save_checkpoint(best_path, {k: v for k, v in load_checkpoint(last_path).items() if k != "training_state"})
+    return FitResult(run_dir, run.epochs_run, run.best, stopped_early)
 
+
+def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int], int, list, list]:
+    """Labels, output channels, and the cached training / validation cases (rank 0 builds the cache)."""
     info = find_dataset(config.data.dataset)
     validate_dataset(info)
     labels, out_channels = label_layout(info)
-    class_names = [n for n, v in labels.items() if v != 0]
     train_ids, val_ids = split_cases(info, config)
+    cache_dir = Path(config.data.cache_dir or cache_root())
 
-    cache_dir = Path(config.data.cache_dir or default_cache_dir())
     def label_reader(path: Path):
         return read_label(path, info)
 
@@ -192,160 +232,186 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     if not dist_info.is_main:
         index = build_cache(info.training, config.data.preprocess, cache_dir, progress=False,
                             label_reader=label_reader)
-    train_cases: list[CachedCase] = [index.load(i) for i in train_ids]
-    val_cases: list[CachedCase] = [index.load(i) for i in val_ids]
+    return labels, out_channels, [index.load(i) for i in train_ids], [index.load(i) for i in val_ids]
 
+
+def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop: StopRequest,
+           resume: bool) -> _Run:
+    """Data, model, optimiser, schedule, logger; the saved state when resuming, else the config written."""
+    labels, out_channels, train_cases, val_cases = _load_cases(config, dist_info)
     num_in = train_cases[0].image.shape[0] * (2 * config.data.context + 1)
-    spatial_dims = 2 if config.data.mode == "2d" else 3
     model = build_model(
-        config.model.name, spatial_dims=spatial_dims, in_channels=num_in, out_channels=out_channels,
-        base_channels=config.model.base_channels, depth=config.model.depth,
+        config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3, in_channels=num_in,
+        out_channels=out_channels, base_channels=config.model.base_channels, depth=config.model.depth,
     ).to(device)
-    if config.channels_last and spatial_dims == 2:
+    if config.channels_last and config.data.mode == "2d":
         model = model.to(memory_format=torch.channels_last)
-
     if config.init_from is not None and not resume:
         report = load_matching_weights(model, load_checkpoint(config.init_from)["state_dict"])
         if dist_info.is_main:
             console.print(f"init from {config.init_from}: {report.summary()}")
-
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.stages))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    loss_fn = make_loss(config)
-    logger = RunLogger(run_dir, class_names, enabled=dist_info.is_main)
-
-    start_epoch, best, bad_validations = 0, None, 0
-    start_iteration, resumed_losses = 0, []
+    run = _Run(
+        config, device, dist_info, stop, labels, out_channels, train_cases, val_cases, model, model, optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.stages)),
+        torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda"),
+        make_loss(config), RunLogger(Path(config.output_dir), [n for n, v in labels.items() if v != 0],
+                                     enabled=dist_info.is_main),
+    )
     if resume:
-        ckpt = load_checkpoint(last_path, map_location=device)
-        model.load_state_dict(ckpt["state_dict"])
-        state = ckpt["training_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_torch"])
-        start_epoch, best, bad_validations = ckpt["epoch"], state["best"], state["bad_validations"]
-        # stopped by a signal mid-epoch: iterations of epoch `start_epoch` already done, their losses
-        start_iteration, resumed_losses = int(state.get("iteration", 0)), list(state.get("epoch_losses", []))
-        logger.restore(ckpt["history"])
+        _restore(run, load_checkpoint(run.run_dir / "last.pt", map_location=device))
     elif dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(run_dir / "config.yaml") as tmp:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run.run_dir / "config.yaml") as tmp:
             Path(tmp).write_text(dump_config(config))
-
-    train_model: torch.nn.Module = model
     if dist_info.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    return run
 
-    frozen = list(model.encoder_parameters())
+
+def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+    """Weights, optimiser, schedule, scaler, RNG, best score and the epoch / iteration to continue at."""
+    run.model.load_state_dict(ckpt["state_dict"])
+    state = ckpt["training_state"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_torch"])
+    run.start_epoch, run.best, run.bad_validations = ckpt["epoch"], state["best"], state["bad_validations"]
+    # stopped by a signal mid-epoch: iterations of epoch `start_epoch` already done, their losses
+    run.start_iteration, run.resumed_losses = int(state.get("iteration", 0)), list(state.get("epoch_losses", []))
+    run.logger.restore(ckpt["history"])
+
+
+def _train_epochs(run: _Run) -> bool:
+    """The epoch loop (time budget, stages, validation, checkpoints, pace, early stop); True when
+    early stopping ended it."""
+    config, dist_info = run.config, run.dist
     stage_index, sampler = -1, None
-    stopped_early, epochs_run = False, 0
-    predict_kwargs = dict(
-        mode=config.data.mode, context=config.data.context, divisor=model.divisor,
-        batch_size=config.val_batch_size, amp=config.amp,
-    )
     t_start, epoch_seconds = time.perf_counter(), 0.0
     t_first_end = t_start
-    stop.install()
-    epoch = start_epoch - 1
+    run.stop.install()
+    epoch = run.start_epoch - 1
     while epoch + 1 < config.total_epochs:  # the total can shrink (`_keep_to_budget`)
         epoch += 1
         t0 = time.perf_counter()
-        over_budget = bool(config.max_minutes) and (t0 - t_start + epoch_seconds) > config.max_minutes * 60
-        # every rank must take the same decision, or the others wait forever in a collective
-        if all_reduce_sum(torch.tensor([float(over_budget)]), dist_info)[0] > 0:
-            if dist_info.is_main:
-                console.print(f"time budget of {config.max_minutes:g} min reached after {epoch} epochs")
+        if _budget_spent(config, t0 - t_start + epoch_seconds, dist_info, epoch):
             break
         idx, stage = stage_for_epoch(config.stages, epoch)
         if idx != stage_index:
             stage_index = idx
             sampler = PatchSampler(
-                train_cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
+                run.train_cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
                 context=config.data.context, seed=0,
             )
-        sampler.rng, generator = epoch_generators(config.seed, epoch, dist_info.rank)
-        freeze = frozen if epoch < config.freeze_encoder_epochs else ()
-
-        skip = start_iteration if epoch == start_epoch else 0  # done before a signal stopped the run
-        losses, stopped_at = (list(resumed_losses) if skip else []), None
-        with _progress(dist_info.is_main) as bar:
-            task = bar.add_task(
-                f"epoch {epoch + 1}/{config.total_epochs} (stage {idx + 1}, {'x'.join(map(str, stage.patch_size))}, "
-                f"batch {stage.batch_size})", total=stage.iterations_per_epoch, loss=0.0, speed=0.0,
-            )
-            t_iter = time.perf_counter()
-            for it in range(stage.iterations_per_epoch):
-                if it >= skip and stop.agreed(dist_info):  # a signal: every rank stops here
-                    stopped_at = it
-                    break
-                images, targets = make_batch(sampler, config.augment, generator, device,
-                                             config.channels_last and spatial_dims == 2)
-                if it < skip:  # resumed mid-epoch: replay the draws only, these were trained on
-                    bar.update(task, advance=1)
-                    continue
-                losses.append(train_step(train_model, images, targets, loss_fn, optimizer, scaler, config.amp, freeze))
-                scheduler.step()
-                bar.update(task, advance=1, loss=float(np.mean(losses[-20:])),
-                           speed=(it + 1) / (time.perf_counter() - t_iter))
-        if stopped_at is not None:
-            _save_and_stop(stop, dist_info, run_dir, epoch, stopped_at, losses, config, lambda: {
-                **_checkpoint_payload(model, config, labels, stage, epoch, logger.rows,
-                                      logger.rows[-1] if logger.rows else {}),
-                "training_state": _training_state(optimizer, scheduler, scaler, best, bad_validations),
-            })
-        train_loss = float(all_reduce_sum(torch.tensor([np.mean(losses)], dtype=torch.float64), dist_info)[0]) / dist_info.world_size
-
-        row: dict[str, Any] = {"epoch": epoch + 1, "stage": idx + 1, "train_loss": train_loss,
-                               "lr": optimizer.param_groups[0]["lr"]}
-        improved = False
-        if val_cases and ((epoch + 1) % config.val_interval == 0 or epoch + 1 == config.total_epochs):
-            mine = val_cases[dist_info.rank :: dist_info.world_size]
-            counts = validation_counts(
-                model, mine, loss_fn, max(2, out_channels), device,
-                patch_size=stage.patch_size, **predict_kwargs,
-            )
-            val_loss, dice = dice_from_counts(all_reduce_sum(counts, dist_info), max(2, out_channels))
-            row.update(val_loss=val_loss, val_dice_mean=float(np.mean(dice)))
-            row.update({f"val_dice_{n}": d for n, d in zip(class_names, dice)})
-            improved = best is None or row["val_dice_mean"] > best
-            if improved:
-                best, bad_validations = row["val_dice_mean"], 0
-            else:
-                bad_validations += 1
-        epoch_seconds = time.perf_counter() - t0
-        epochs_run += 1
-        row["seconds"] = round(epoch_seconds, 2)
-        logger.log_epoch(row)
-
-        if dist_info.is_main:
-            payload = _checkpoint_payload(model, config, labels, stage, epoch + 1, logger.rows, row)
-            if improved:
-                save_checkpoint(best_path, payload)
-            save_checkpoint(last_path, {**payload, "training_state": _training_state(
-                optimizer, scheduler, scaler, best, bad_validations)})
-            dice_text = "" if row.get("val_dice_mean") is None else "  val Dice " + "  ".join(
-                f"{n} {row[f'val_dice_{n}']:.4f}" for n in class_names)
-            console.print(f"epoch {epoch + 1:3d}  loss {train_loss:.4f}{dice_text}  ({row['seconds']:.0f} s)")
-        barrier(dist_info)
+        sampler.reseed(config.seed, epoch, dist_info.rank)
+        losses = _train_epoch(run, epoch, idx, stage, sampler)
+        row = _end_epoch(run, epoch, idx, stage, losses, time.perf_counter() - t0)
+        epoch_seconds = row["seconds"]
         now = time.perf_counter()
-        if epochs_run == 1:
+        if run.epochs_run == 1:
             t_first_end = now
-        pace = (now - t_first_end) / (epochs_run - 1) if epochs_run >= 3 else None
-        if _keep_to_budget(config, epochs_run, epoch + 1, now - t_start, pace, dist_info):
-            scheduler.lr_lambdas[0] = lr_factor(config.schedule, config.stages)
-        if config.early_stopping_patience and bad_validations >= config.early_stopping_patience:
-            stopped_early = True
+        pace = (now - t_first_end) / (run.epochs_run - 1) if run.epochs_run >= 3 else None
+        if _keep_to_budget(config, run.epochs_run, epoch + 1, now - t_start, pace, dist_info):
+            run.scheduler.lr_lambdas[0] = lr_factor(config.schedule, config.stages)
+        if config.early_stopping_patience and run.bad_validations >= config.early_stopping_patience:
             if dist_info.is_main:
-                console.print(f"early stopping: no improvement in {bad_validations} validations")
-            break
-    if dist_info.is_main and not best_path.exists() and last_path.exists():
-        # no validation cases: the last weights are the best we have
-        save_checkpoint(best_path, {k: v for k, v in load_checkpoint(last_path).items() if k != "training_state"})
-    return FitResult(run_dir, epochs_run, best, stopped_early)
+                console.print(f"early stopping: no improvement in {run.bad_validations} validations")
+            return True
+    return False
+
+
+def _budget_spent(config: TrainConfig, seconds: float, dist_info: DistInfo, epoch: int) -> bool:
+    """``max_minutes`` reached (with one more epoch of the last epoch's length); every rank agrees."""
+    over_budget = bool(config.max_minutes) and seconds > config.max_minutes * 60
+    # every rank must take the same decision, or the others wait forever in a collective
+    if all_reduce_sum(torch.tensor([float(over_budget)]), dist_info)[0] > 0:
+        if dist_info.is_main:
+            console.print(f"time budget of {config.max_minutes:g} min reached after {epoch} epochs")
+        return True
+    return False
+
+
+def _train_epoch(run: _Run, epoch: int, idx: int, stage: StageConfig, sampler: PatchSampler) -> list[float]:
+    """One epoch's iterations (a resumed epoch replays the draws it already trained on); after a
+    signal, ``last.pt`` is written and `TrainingInterrupted` raised. Returns the losses."""
+    config, dist_info = run.config, run.dist
+    generator = augment_generator(config.seed, epoch, dist_info.rank)
+    frozen = list(run.model.encoder_parameters()) if epoch < config.freeze_encoder_epochs else ()
+    skip = run.start_iteration if epoch == run.start_epoch else 0  # done before a signal stopped the run
+    losses, stopped_at = (list(run.resumed_losses) if skip else []), None
+    with _progress(dist_info.is_main) as bar:
+        task = bar.add_task(
+            f"epoch {epoch + 1}/{config.total_epochs} (stage {idx + 1}, {'x'.join(map(str, stage.patch_size))}, "
+            f"batch {stage.batch_size})", total=stage.iterations_per_epoch, loss=0.0, speed=0.0,
+        )
+        t_iter = time.perf_counter()
+        for it in range(stage.iterations_per_epoch):
+            if it >= skip and run.stop.agreed(dist_info):  # a signal: every rank stops here
+                stopped_at = it
+                break
+            images, targets = make_batch(sampler, config.augment, generator, run.device, run.channels_last)
+            if it < skip:  # resumed mid-epoch: replay the draws only, these were trained on
+                bar.update(task, advance=1)
+                continue
+            losses.append(train_step(run.train_model, images, targets, run.loss_fn, run.optimizer, run.scaler,
+                                     config.amp, frozen))
+            run.scheduler.step()
+            bar.update(task, advance=1, loss=float(np.mean(losses[-20:])),
+                       speed=(it + 1) / (time.perf_counter() - t_iter))
+    if stopped_at is not None:
+        rows = run.logger.rows
+        _save_and_stop(run.stop, dist_info, run.run_dir, epoch, stopped_at, losses, config,
+                       lambda: run.payload(stage, epoch, rows[-1] if rows else {}, state=True))
+    return losses
+
+
+def _validate(run: _Run, stage: StageConfig) -> dict[str, float]:
+    """Validation loss and pooled Dice per class over the validation cases (split over ranks)."""
+    classes = max(2, run.out_channels)
+    mine = run.val_cases[run.dist.rank :: run.dist.world_size]
+    counts = validation_counts(
+        run.model, mine, run.loss_fn, classes, run.device, mode=run.config.data.mode,
+        context=run.config.data.context, divisor=run.model.divisor, batch_size=run.config.val_batch_size,
+        amp=run.config.amp, patch_size=stage.patch_size,
+    )
+    val_loss, dice = summarize_validation(all_reduce_sum(counts, run.dist), classes)
+    return {"val_loss": val_loss, "val_dice_mean": float(np.mean(dice)),
+            **{f"val_dice_{n}": d for n, d in zip(run.class_names, dice)}}
+
+
+def _end_epoch(run: _Run, epoch: int, idx: int, stage: StageConfig, losses: list[float],
+               seconds: float) -> dict[str, Any]:
+    """Mean loss over ranks, validation when due, the metrics row, ``best.pt`` / ``last.pt``."""
+    config, dist_info = run.config, run.dist
+    mean = torch.tensor([np.mean(losses)], dtype=torch.float64)
+    train_loss = float(all_reduce_sum(mean, dist_info)[0]) / dist_info.world_size
+    row: dict[str, Any] = {"epoch": epoch + 1, "stage": idx + 1, "train_loss": train_loss,
+                           "lr": run.optimizer.param_groups[0]["lr"]}
+    improved = False
+    if run.val_cases and ((epoch + 1) % config.val_interval == 0 or epoch + 1 == config.total_epochs):
+        t0 = time.perf_counter()
+        row.update(_validate(run, stage))
+        seconds += time.perf_counter() - t0
+        improved = run.best is None or row["val_dice_mean"] > run.best
+        if improved:
+            run.best, run.bad_validations = row["val_dice_mean"], 0
+        else:
+            run.bad_validations += 1
+    run.epochs_run += 1
+    row["seconds"] = round(seconds, 2)
+    run.logger.log_epoch(row)
+    if dist_info.is_main:
+        if improved:
+            save_checkpoint(run.run_dir / "best.pt", run.payload(stage, epoch + 1, row, state=False))
+        save_checkpoint(run.run_dir / "last.pt", run.payload(stage, epoch + 1, row, state=True))
+        dice_text = "" if row.get("val_dice_mean") is None else "  val Dice " + "  ".join(
+            f"{n} {row[f'val_dice_{n}']:.4f}" for n in run.class_names)
+        console.print(f"epoch {epoch + 1:3d}  loss {train_loss:.4f}{dice_text}  ({row['seconds']:.0f} s)")
+    barrier(dist_info)
+    return row
 
 
 def _keep_to_budget(config: TrainConfig, epochs_run: int, epochs_done: int, elapsed_s: float,
@@ -371,15 +437,6 @@ def _keep_to_budget(config: TrainConfig, epochs_run: int, epochs_done: int, elap
         with atomic_write(Path(config.output_dir) / "config.yaml") as tmp:
             Path(tmp).write_text(dump_config(config))
     return True
-
-
-def _training_state(optimizer, scheduler, scaler, best, bad_validations) -> dict[str, Any]:
-    """What ``--resume`` needs besides the weights (``last.pt`` only)."""
-    return {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "rng_torch": torch.get_rng_state(),
-        "best": best, "bad_validations": bad_validations,
-    }
 
 
 def _save_and_stop(stop: StopRequest, dist_info: DistInfo, run_dir: Path, epoch: int, iteration: int,
@@ -425,20 +482,3 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
                                weight_decay=o.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-
-
-def _checkpoint_payload(model, config: TrainConfig, labels: dict[str, int], stage, epoch: int,
-                        history: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
-    """Everything `predict` needs (weights, model/preprocessing config, labels) plus the run record."""
-    return {
-        "state_dict": model.state_dict(),
-        "model": model_config(model),
-        "preprocess": config.data.preprocess.model_dump(mode="json"),
-        "labels": labels,
-        "inference": {"mode": config.data.mode, "context": config.data.context,
-                      "patch_size": list(stage.patch_size)},
-        "train_config": config.model_dump(mode="json"),
-        "epoch": epoch,
-        "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
-        "history": [dict(r) for r in history],
-    }

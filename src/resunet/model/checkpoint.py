@@ -1,4 +1,4 @@
-"""Checkpoints: one file holding weights, model config, preprocessing config and label names.
+"""Checkpoints: one file holding the weights, the `ModelSpec` fields and the run record.
 
 Files are written atomically (temporary file, fsync, rename) and read with
 ``torch.load(weights_only=True)`` -- no pickled code is ever executed. A SHA-256 of the weights is
@@ -20,6 +20,7 @@ from torch import nn
 
 from resunet.data.io import atomic_write
 from resunet.errors import ModelError
+from resunet.model.spec import ModelSpec
 
 FORMAT = "resunet-checkpoint"
 VERSION = 1
@@ -109,3 +110,9 @@ def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
             report.skipped.append((name, "not in the checkpoint (kept its initial value)"))
     model.load_state_dict(matched, strict=False)
     return report
+
+
+def checkpoint_payload(spec: ModelSpec, state_dict: dict[str, torch.Tensor], **record: Any) -> dict[str, Any]:
+    """What a checkpoint file holds: the spec's fields (`ModelSpec.checkpoint_fields`), the weights
+    and the run ``record`` (``epoch``, ``metrics``, ``history``, ``train_config``, ``training_state``)."""
+    return {**spec.checkpoint_fields(), "state_dict": state_dict, **record}
