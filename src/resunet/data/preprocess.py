@@ -461,6 +461,7 @@ class PreprocessConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: what the images are: "ct" (Hounsfield units), "mr", or "none" (pictures, other data)
     modality: Literal["ct", "mr", "none"] = "none"
     #: "auto": CT -> "ct_window", MR and "none" -> "zscore". "fixed": ``(x - intensity_mean) /
     #: intensity_std`` with dataset-wide statistics (nnU-Net's CT scheme; also right when every
@@ -468,10 +469,12 @@ class PreprocessConfig(BaseModel):
     normalization: Literal["auto", "ct_window", "zscore", "minmax", "fixed", "none"] = "auto"
     #: one value for every channel, or one per channel
     intensity_mean: float | tuple[float, ...] = 0.0
+    #: the "fixed" scheme's standard deviation(s), as intensity_mean
     intensity_std: float | tuple[float, ...] = 1.0
     #: a CT_WINDOW_PRESETS name, a fixed ``(width, level)`` in HU, or "dynamic" (per image:
     #: percentiles ``dynamic_percentiles`` of the voxels above ``dynamic_threshold_hu``).
     ct_window: str | tuple[float, float] = "abdomen"
+    #: percentiles (lower, upper) of a "dynamic" CT window
     dynamic_percentiles: tuple[float, float] = (0.5, 99.5)
     #: HU; "dynamic" windows use only voxels above this (the body, not the air around it), so
     #: training and prediction compute the same window without a label.
@@ -481,9 +484,13 @@ class PreprocessConfig(BaseModel):
     zscore_mask: Literal["nonzero", "all"] = "nonzero"
     #: mm in array order (z, y, x) / (y, x); None keeps each case's own spacing.
     target_spacing: tuple[float, ...] | None = None
+    #: spline order of image resampling (0 nearest, 1 linear, 3 cubic)
     image_interp_order: Literal[0, 1, 3] = 3
+    #: labels: "linear" resamples each class's one-hot map and takes the argmax (smooth); "nearest"
     label_resampling: Literal["nearest", "linear"] = "linear"
+    #: crop every case to the box of its non-zero voxels (undone on the prediction)
     crop_to_nonzero: bool = True
+    #: voxels kept around that box
     crop_margin: int = Field(default=0, ge=0)
     #: permute / flip the array axes first so that they run along the world axes in one convention
     #: (`reorient_to_canonical`): a scan stored sagittally or flipped looks like the training scans.

@@ -29,49 +29,51 @@ class DataConfig(_Strict):
     val_cases: list[str] = Field(default_factory=list, description="explicit validation case ids")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="used when val_cases is empty")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    mode: Literal["2d", "3d"] = "2d"
+    mode: Literal["2d", "3d"] = Field("2d", description="2d: a 2-D network slice by slice (2.5-D with context); 3d: 3-D patches")
     context: int = Field(0, ge=0, description="2.5-D: neighbouring slices on each side as channels")
-    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
+    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0, description="share of patches centred on a labelled voxel")
 
 
 class ModelConfig(_Strict):
-    name: Literal["resunet", "unet", "attention_unet"] = "resunet"
-    base_channels: int = Field(32, ge=1)
-    depth: int = Field(5, ge=2, le=7)
+    name: Literal["resunet", "unet", "attention_unet"] = Field("resunet", description="network (`resunet models` lists them)")
+    base_channels: int = Field(32, ge=1, description="channels of the first level; doubled per level")
+    depth: int = Field(5, ge=2, le=7, description="levels (poolings + 1); patches must be multiples of 2**(depth-1)")
 
 
 class LossConfig(_Strict):
-    dice_weight: float = Field(0.5, ge=0.0)
-    focal_weight: float = Field(0.5, ge=0.0)
-    alpha: float | None = Field(0.7, ge=0.0, le=1.0)
-    gamma: float = Field(2.0, ge=0.0)
-    batch_dice: bool = True
+    dice_weight: float = Field(0.5, ge=0.0, description="weight of the soft Dice term")
+    focal_weight: float = Field(0.5, ge=0.0, description="weight of the focal term (gamma 0: cross-entropy)")
+    alpha: float | None = Field(0.7, ge=0.0, le=1.0, description="focal class balance (foreground weight, binary); None: none")
+    gamma: float = Field(2.0, ge=0.0, description="focal exponent; 0 makes the focal term cross-entropy")
+    batch_dice: bool = Field(True, description="Dice over the whole batch (nnU-Net) instead of per sample")
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    name: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="decoupled (AdamW) / L2 (SGD) weight decay")
     momentum: float = Field(0.99, ge=0.0, lt=1.0, description="SGD only (nesterov)")
 
 
 class ScheduleConfig(_Strict):
-    kind: Literal["poly", "cosine", "constant"] = "poly"
-    warmup_iterations: int = Field(0, ge=0)
-    poly_exponent: float = Field(0.9, gt=0.0)
+    kind: Literal["poly", "cosine", "constant"] = Field("poly", description="LR decay over all stages' iterations")
+    warmup_iterations: int = Field(0, ge=0, description="linear LR warm-up from 0, in iterations")
+    poly_exponent: float = Field(0.9, gt=0.0, description="poly: lr * (1 - t / T) ** exponent")
 
 
 class StageConfig(_Strict):
     """One stage of a multi-stage run: its own patch / slice size, batch size, epochs, LR scale."""
 
     patch_size: list[int] = Field(description="(H, W) for 2-D, (D, H, W) for 3-D, in voxels")
-    batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    iterations_per_epoch: int = Field(50, ge=1)
+    batch_size: int = Field(ge=1, description="patches per iteration")
+    epochs: int = Field(ge=1, description="epochs of this stage")
+    iterations_per_epoch: int = Field(50, ge=1, description="iterations per epoch (an epoch is a fixed number of steps)")
     lr_scale: float = Field(1.0, gt=0.0, description="multiplies optimizer.lr during this stage")
 
 
 class TrainConfig(_Strict):
+    """A whole training run: data, network, loss, optimiser, schedule, stages, augmentation, run settings."""
+
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -85,22 +87,23 @@ class TrainConfig(_Strict):
         min_length=1,
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    amp: bool = False
-    channels_last: bool = False
+    amp: bool = Field(False, description="mixed precision: bf16 autocast on the CPU, fp16 + GradScaler on CUDA")
+    channels_last: bool = Field(False, description="2-D: train in channels-last memory format")
     val_interval: int = Field(1, ge=1, description="validate every N epochs")
-    val_batch_size: int = Field(8, ge=1)
+    val_batch_size: int = Field(8, ge=1, description="slices / windows per forward pass in validation")
     early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
-    seed: int = 0
-    deterministic: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: Path = Path("runs/resunet")
-    init_from: Path | None = None
-    freeze_encoder_epochs: int = Field(0, ge=0)
+    seed: int = Field(0, description="seeds weights, the split and every batch (a resumed run sees the same batches)")
+    deterministic: bool = Field(False, description="deterministic algorithms only (slower on CUDA)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU")
+    output_dir: Path = Field(Path("runs/resunet"), description="run folder: config.yaml, best.pt, last.pt, metrics.csv, curves.png")
+    init_from: Path | None = Field(None, description="checkpoint whose matching weights start the run (transfer learning)")
+    freeze_encoder_epochs: int = Field(0, ge=0, description="first epochs that train the decoder only (with init_from)")
     max_minutes: float | None = Field(
         None, gt=0, description="wall-clock budget: no new epoch starts once the next one would exceed it"
     )
     plan: dict[str, Any] | None = Field(
-        None, description="what `resunet plan` chose and why (a record; changing it changes nothing)"
+        None, description="what `resunet plan` chose and why; a planned run that falls behind its pace trains "
+        "fewer epochs (LR schedule recomputed) to end within max_minutes"
     )
 
     @model_validator(mode="after")

@@ -134,7 +134,7 @@ class BiasFieldConfig(_Strict):
 
 
 class BrightnessConfig(_Strict):
-    """Multiply each sample by a factor."""
+    """Multiply each sample by a ``factor`` drawn from the range."""
 
     enabled: bool = True
     p: Probability = 0.15
@@ -142,7 +142,7 @@ class BrightnessConfig(_Strict):
 
 
 class ContrastConfig(_Strict):
-    """Scale intensities about each sample's (and channel's) mean; with ``preserve_range`` the
+    """Scale intensities by ``factor`` about each sample's (and channel's) mean; with ``preserve_range`` the
     result is clipped to the sample's original min/max (nnU-Net)."""
 
     enabled: bool = True
@@ -157,7 +157,7 @@ class ContrastConfig(_Strict):
 
 
 class GammaConfig(_Strict):
-    """``x -> x**gamma`` on intensities rescaled to [0, 1] per sample and channel, mapped back
+    """``x -> x**gamma`` (``gamma`` drawn from the range) on intensities rescaled to [0, 1] per sample and channel, mapped back
     to the original range. ``retain_stats`` restores mean and std afterwards (nnU-Net's option;
     the range is then no longer preserved)."""
 

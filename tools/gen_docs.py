@@ -1,0 +1,185 @@
+"""Write docs/config.md (every training-config field) and docs/cli.md (every command and option).
+
+Both are generated from the code -- the pydantic models of `resunet.train.config` and the typer
+app of `resunet.cli` -- so they cannot drift: `tests/test_architecture.py` fails when a file here
+differs from what this script writes. A field's meaning is its ``Field(description=...)``, else
+the ``#:`` comment above it, else its section's docstring when that names it (``name``); the
+generic switches ``enabled`` / ``p`` of a transform are described once.
+
+Run: ``python tools/gen_docs.py`` (writes both files) or ``--check`` (exit 1 when stale).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERIC = {"enabled": "switch this transform on or off", "p": "probability that a sample gets it"}
+
+
+def comment_meanings(cls: type) -> dict[str, str]:
+    """``#:`` comments written above the fields of ``cls`` (and its bases), by field name."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                above, i = [], node.lineno - 2
+                while i >= 0 and lines[i].strip().startswith("#:"):
+                    above.insert(0, lines[i].strip()[2:].strip())
+                    i -= 1
+                if above:
+                    out[node.target.id] = " ".join(above)
+    return out
+
+
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    """A readable type: ``tuple[float, float] | None``, ``'2d' | '3d'`` for Literals."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if annotation is Ellipsis:
+        return "..."
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(field: Any) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, Path):
+        return f"`{value}`"
+    return f"`{value!r}`" if not isinstance(value, list) or len(repr(value)) < 60 else "(see below)"
+
+
+def _meaning(name: str, field: Any, model: type, comments: dict[str, str]) -> str:
+    if field.description:
+        return field.description
+    if name in comments:
+        return comments[name]
+    if any(f"``{name}``" in (k.__doc__ or "") for k in model.__mro__):
+        return "see the section text"
+    return GENERIC.get(name, "")
+
+
+def config_sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, list[tuple[str, ...]]]]:
+    """``(section key, section text, rows (key, type, default, meaning))`` depth first."""
+    comments = comment_meanings(model)
+    rows: list[tuple[str, ...]] = []
+    nested: list = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        sub = _sub_model(field.annotation)
+        if sub is not None:
+            nested += config_sections(sub, key + (".N." if key == "stages" else "."))
+            continue
+        rows.append((key, _type_name(field.annotation), _default(field), _meaning(name, field, model, comments)))
+    docs = [" ".join((k.__doc__ or "").split()) for k in model.__mro__ if k.__module__.startswith("resunet")]
+    text = " ".join(d for d in reversed(docs) if d)
+    return [(prefix.rstrip(".") or "(top level)", text, rows), *nested]
+
+
+def config_reference() -> str:
+    """docs/config.md as text."""
+    from resunet.train.config import TrainConfig
+
+    out = ["# Training configuration reference", "",
+           "Generated by `tools/gen_docs.py` from `resunet.train.config.TrainConfig`; do not edit by hand.",
+           "A YAML file for `resunet train --config` holds any of these keys (nested as shown); "
+           "`--set key=value` overrides one (`--set stages.0.epochs=5`). `resunet plan` writes a complete one.", ""]
+    for section, text, rows in config_sections(TrainConfig):
+        if not rows:
+            continue
+        out += [f"## `{section}`", ""]
+        if text:
+            out += [text, ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{k}` | {t} | {d} | {m} |" for k, t, d, m in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def cli_reference() -> str:
+    """docs/cli.md as text: every command's help and options, from the typer app."""
+    import typer
+
+    from resunet.cli import app
+
+    command = typer.main.get_command(app)
+    out = ["# Command-line reference", "", "Generated by `tools/gen_docs.py` from `resunet.cli`; do not edit by hand.", ""]
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        if hasattr(cmd, "commands"):  # a group (typer ships its own click)
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+            return
+        out.extend([f"## `resunet {' '.join(path)}`", "", " ".join((cmd.help or "").split()), ""])
+        params = [p for p in cmd.params if p.name != "help"]
+        if params:
+            out.extend(["| argument / option | default | help |", "|---|---|---|"])
+        for p in params:
+            names = " / ".join(f"`{o}`" for o in (*p.opts, *p.secondary_opts)) if p.param_type_name == "option" \
+                else f"`{(p.metavar or p.name).upper()}`"
+            value = str(p.default) if isinstance(p.default, Path) else repr(p.default)
+            default = "required" if p.required else (f"`{value}`" if p.default not in (None, [], ()) else "")
+            text = " ".join((getattr(p, "help", "") or "").split()).replace("|", "\\|")
+            out.append(f"| {names} | {default} | {text} |")
+        out.append("")
+
+    walk(command, [])
+    return "\n".join(out)
+
+
+def generated() -> dict[Path, str]:
+    return {ROOT / "docs" / "config.md": config_reference(), ROOT / "docs" / "cli.md": cli_reference()}
+
+
+def main(argv: list[str]) -> int:
+    stale = [path for path, text in generated().items() if not path.is_file() or path.read_text() != text]
+    if "--check" in argv:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python tools/gen_docs.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in generated().items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
