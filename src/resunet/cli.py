@@ -84,11 +84,7 @@ def plan(
     result = plan_dataset(dataset, minutes, output_dir=run_dir)
     console.print(result.table())
     if out is not None:
-        from resunet.data.io import atomic_write
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out) as tmp:
-            Path(tmp).write_text(result.to_yaml())
+        result.write_yaml(out)
         console.print(f"plan written to {out}; train it with: resunet train --config {out}")
 
 
@@ -151,33 +147,15 @@ def train(
 
 def _planned_config(dataset: Path, minutes: float, config: Optional[Path], tree: dict, out: Optional[Path],
                     started: float):
-    """Plan ``dataset`` for ``minutes`` (rank 0 plans, every rank reads its YAML under torchrun),
-    apply the YAML ``config`` and ``--set`` ``tree`` on top, save the plan and fingerprint."""
-    import yaml
-
+    """Plan ``dataset`` for ``minutes``, apply ``--config`` / ``--set``, keep the plan in the run folder."""
     from resunet.plan import plan_dataset
-    from resunet.train.config import _merge, config_from_dict
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ResunetError("plan first (`resunet plan DATASET -o plan.yaml`), then torchrun ... train --config plan.yaml")
     result = plan_dataset(dataset, minutes, output_dir=out, started=started)
     console.print(result.table())
-    base = result.config.model_dump(mode="json")
-    if config is not None:
-        try:
-            extra = yaml.safe_load(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ResunetError(f"cannot read --config {config}: {err}") from None
-        base = _merge(base, extra)
-    cfg = config_from_dict(_merge(base, tree), "the plan with --config / --set")
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from resunet.data.io import atomic_write
-
-    with atomic_write(run_dir / "fingerprint.json") as tmp:
-        Path(tmp).write_text(result.fingerprint.to_json())
-    with atomic_write(run_dir / "plan.yaml") as tmp:
-        Path(tmp).write_text(result.to_yaml())
+    cfg = result.overridden(config, tree)
+    result.save_record(cfg.output_dir)
     return cfg
 
 

@@ -435,14 +435,7 @@ def _read_single_frame_series(headers: list[_FileHeader], where: str) -> Volume:
         frame_numbers=[1] * len(order),
         slice_positions=[tuple(float(v) for v in positions[i]) for i in order],
     )
-    return Volume(
-        array,
-        (dz, float(in_plane[0]), float(in_plane[1])),
-        tuple(positions[order[0]]),
-        direction,
-        spatial_ndim=3,
-        meta=meta,
-    )
+    return _stacked_volume(array, dz, in_plane, positions[order[0]], direction, meta)
 
 
 # --------------------------------------------------------------------------- multi-frame files
@@ -460,6 +453,13 @@ def _functional(ds, frame: int, sequence: str, keyword: str):
         if inner and keyword in inner[0]:
             return inner[0].data_element(keyword).value
     return None
+
+
+def _stacked_volume(array: np.ndarray, dz: float, in_plane: Any, first_position: Any, direction: np.ndarray,
+                    meta: dict[str, Any]) -> Volume:
+    """The `Volume` of a sorted slice stack: spacing ``(dz, row, column)`` mm, origin at the first slice."""
+    return Volume(array, (dz, float(in_plane[0]), float(in_plane[1])), tuple(first_position), direction,
+                  spatial_ndim=3, meta=meta)
 
 
 def _enhanced_frames(ds: Any, n: int, path: Path) -> tuple:
@@ -542,14 +542,7 @@ def _read_multi_frame(path: Path, where: str) -> Volume:
         frame_numbers=[int(i) + 1 for i in order],
         slice_positions=[tuple(float(v) for v in positions[i]) for i in order],
     )
-    return Volume(
-        array,
-        (dz, float(in_plane[0]), float(in_plane[1])),
-        tuple(positions[order[0]]),
-        direction,
-        spatial_ndim=3,
-        meta=meta,
-    )
+    return _stacked_volume(array, dz, in_plane, positions[order[0]], direction, meta)
 
 
 # --------------------------------------------------------------------------- entry point

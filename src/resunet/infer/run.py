@@ -1,4 +1,6 @@
-"""Predict every case found in an input path and write the masks; one bad case never stops the rest."""
+"""Reading a case and writing its outputs, for every front end: `predict_inputs` (``resunet
+predict``: every case of an input path, one bad case never stops the rest) and `write_mask`
+(also used by the HTTP server and the DICOM node)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.channels import read_case
 from resunet.data.io import make_folder, write_volume
-from resunet.errors import ResunetError
 from resunet.data.preprocess import PreprocessedCase
+from resunet.errors import ResunetError
 from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
@@ -34,6 +36,20 @@ def visible_mask(mask: Volume, top_label: int) -> Volume:
         return mask
     scale = 255 // top_label
     return mask.with_array((np.asarray(mask.array).astype(np.uint16) * scale).astype(np.uint8))
+
+
+def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *, dicom_seg: bool = False,
+               png_visible: bool = False) -> Path:
+    """Write a predicted label map the way every front end does: a DICOM SEG of the ``source``
+    series (``dicom_seg``), else ``target``'s format (NIfTI, PNG, ...) in ``mask``'s geometry;
+    ``png_visible`` spreads PNG labels over 0..255. Atomic; returns ``target``."""
+    if dicom_seg:
+        from resunet.data.dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(mask, source, labels, target)
+    if png_visible and target.suffix.lower() == ".png":
+        mask = visible_mask(mask, max(labels.values(), default=1))
+    return write_volume(mask, target)
 
 
 def predict_inputs(
@@ -71,14 +87,8 @@ def predict_inputs(
                 target = output_path(output, case.case_id, case.suffix, single)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 mask = predictor.predict_prepared(prepared, images[0])
-                if case.kind == "dicom":
-                    from resunet.data.dicom_seg import write_dicom_seg
-
-                    written.append(write_dicom_seg(mask, images[0], predictor.labels, target))
-                else:
-                    if png_visible and target.suffix.lower() == ".png":
-                        mask = visible_mask(mask, max(predictor.labels.values(), default=1))
-                    written.append(write_volume(mask, target))
+                written.append(write_mask(mask, images[0], predictor.labels, target,
+                                          dicom_seg=case.kind == "dicom", png_visible=png_visible))
             except ResunetError as err:
                 failed[case.case_id] = str(err)
             bar.advance(task)

@@ -432,17 +432,8 @@ def sliding_window_predict(
         into the padded accumulator when padding was needed).
     """
     patch, ov = _window_settings(image, patch_size, divisor, overlap)
-    _check_batch_size(batch_size)
-    _check_amp(amp_dtype)
-    _check_accumulate_dtype(accumulate_dtype)
-    if num_out_channels is not None and num_out_channels < 1:
-        raise ConfigError(f"num_out_channels={num_out_channels} must be positive")
-    _warn_if_training(net)
-
-    run_device = torch.device(device) if device is not None else image.device
-    acc_device = torch.device(accumulate_device) if accumulate_device is not None else run_device
-    if not image.dtype.is_floating_point:
-        image = image.float()
+    image, run_device, acc_device = _run_settings(image, net, batch_size, amp_dtype, accumulate_dtype,
+                                                  num_out_channels, device, accumulate_device)
     padded, pad_spec = pad_to_multiple(
         image, 1, mode=pad_mode, value=pad_value, min_size=patch, spatial_ndim=len(patch)
     )
@@ -454,6 +445,21 @@ def sliding_window_predict(
     out = _blend_windows(padded, net, positions, patch, weight_map, batch_size, num_out_channels,
                          run_device, amp_dtype, progress)
     return crop_padding(out, pad_spec)
+
+
+def _run_settings(x: torch.Tensor, net: Model, batch_size: int, amp_dtype: torch.dtype | None,
+                  accumulate_dtype: torch.dtype, num_out_channels: int | None, device: Any,
+                  accumulate_device: Any) -> tuple[torch.Tensor, torch.device, torch.device]:
+    """The checks both predictors share; ``(x as float, model device, accumulator device)``."""
+    _check_batch_size(batch_size)
+    _check_amp(amp_dtype)
+    _check_accumulate_dtype(accumulate_dtype)
+    if num_out_channels is not None and num_out_channels < 1:
+        raise ConfigError(f"num_out_channels={num_out_channels} must be positive")
+    _warn_if_training(net)
+    run_device = torch.device(device) if device is not None else x.device
+    acc_device = torch.device(accumulate_device) if accumulate_device is not None else run_device
+    return (x if x.dtype.is_floating_point else x.float()), run_device, acc_device
 
 
 def _window_settings(image: torch.Tensor, patch_size: SizeArg | None, divisor: SizeArg,
@@ -571,17 +577,8 @@ def predict_slices(
         volume's) in ``accumulate_dtype``.
     """
     div, patch = _slice_settings(volume, context, divisor, patch_size)
-    _check_batch_size(batch_size)
-    _check_amp(amp_dtype)
-    _check_accumulate_dtype(accumulate_dtype)
-    if num_out_channels is not None and num_out_channels < 1:
-        raise ConfigError(f"num_out_channels={num_out_channels} must be positive")
-    _warn_if_training(net)
-
-    run_device = torch.device(device) if device is not None else volume.device
-    acc_device = torch.device(accumulate_device) if accumulate_device is not None else run_device
-    if not volume.dtype.is_floating_point:
-        volume = volume.float()
+    volume, run_device, acc_device = _run_settings(volume, net, batch_size, amp_dtype, accumulate_dtype,
+                                                   num_out_channels, device, accumulate_device)
     depth, height, width = volume.shape[1:]
 
     def predict_batch(x: torch.Tensor) -> torch.Tensor:  # (n, C', H, W) -> (n, K, H, W)

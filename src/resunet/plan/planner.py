@@ -25,13 +25,14 @@ from rich.table import Table
 from resunet.data.cache import build_cache
 from resunet.data.datasets import DatasetInfo, find_dataset, label_layout, read_label, validate_dataset
 from resunet.data.preprocess import PreprocessConfig
-from resunet.errors import InputError
+from resunet.data.io import atomic_write
+from resunet.errors import ConfigError, InputError
 from resunet.model.paths import cache_root
 from resunet.plan import rules
 from resunet.plan.fingerprint import DatasetFingerprint, fingerprint_dataset
 from resunet.plan.rules import Choice
 from resunet.plan.timing import choose_precision, time_training
-from resunet.train.config import TrainConfig, config_from_dict, dump_config
+from resunet.train.config import TrainConfig, config_from_dict, dump_config, merge_trees
 
 __all__ = ["DEFAULT_MINUTES", "Plan", "plan_dataset"]
 
@@ -69,6 +70,32 @@ class Plan:
     def to_yaml(self) -> str:
         """The config as YAML (`resunet train --config` reads it back); reasons in ``plan``."""
         return dump_config(self.config)
+
+    def write_yaml(self, path: Path | str) -> Path:
+        """`to_yaml` written atomically to ``path`` (folders created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            Path(tmp).write_text(self.to_yaml())
+        return path
+
+    def overridden(self, config_file: Path | str | None, overrides: dict[str, Any]) -> TrainConfig:
+        """The plan's config with a YAML file's keys, then ``overrides`` (nested, from ``--set``), on top."""
+        base = self.config.model_dump(mode="json")
+        if config_file is not None:
+            try:
+                extra = yaml.safe_load(Path(config_file).read_text()) or {}
+            except (OSError, yaml.YAMLError) as err:
+                raise ConfigError(f"cannot read --config {config_file}: {err}") from None
+            base = merge_trees(base, extra)
+        return config_from_dict(merge_trees(base, overrides), "the plan with --config / --set")
+
+    def save_record(self, run_dir: Path | str) -> None:
+        """``plan.yaml`` and ``fingerprint.json`` in the run folder (what `resunet train DATASET` keeps)."""
+        run_dir = Path(run_dir)
+        self.write_yaml(run_dir / "plan.yaml")
+        with atomic_write(run_dir / "fingerprint.json") as tmp:
+            Path(tmp).write_text(self.fingerprint.to_json())
 
 
 def _show(value: Any) -> str:

@@ -254,7 +254,7 @@ class DicomNode:
 
     def _process(self, series: CompleteSeries) -> None:
         from resunet.data.dicom import read_dicom_series
-        from resunet.data.dicom_seg import write_dicom_seg
+        from resunet.infer.run import write_mask
 
         log.info("series %s complete (%d instance(s)): segmenting", series.series_uid, series.instances)
         try:
@@ -262,7 +262,7 @@ class DicomNode:
                 raise ResunetError(series.error)
             image = read_dicom_series(series.folder)
             mask = self.predictor.predict([image])
-            seg = write_dicom_seg(mask, image, self.predictor.labels, self.spool.outbox_path(series))
+            seg = write_mask(mask, image, self.predictor.labels, self.spool.outbox_path(series), dicom_seg=True)
         except Exception as exc:
             detail = str(exc) if isinstance(exc, ResunetError) else traceback.format_exc()
             folder = self.spool.fail(series, f"{type(exc).__name__}: {detail}")

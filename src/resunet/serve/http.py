@@ -320,9 +320,9 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
 
 
 def _encode_mask(mask: Volume, folder: Path, suffix: str) -> bytes:
-    from resunet.data.io import write_volume
+    from resunet.infer.run import write_mask
 
-    return write_volume(mask, folder / f"mask{suffix}").read_bytes()
+    return write_mask(mask, mask, {}, folder / f"mask{suffix}").read_bytes()
 
 
 def _mask_name(filename: str, suffix: str) -> str:

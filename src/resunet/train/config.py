@@ -161,11 +161,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: Any, override: Any) -> Any:
+def merge_trees(base: Any, override: Any) -> Any:
+    """``override`` merged into ``base`` (nested dicts; a dict with digit keys edits list items)."""
     if isinstance(base, dict) and isinstance(override, dict):
         out = dict(base)
         for k, v in override.items():
-            out[k] = _merge(base.get(k), v) if k in base else v
+            out[k] = merge_trees(base.get(k), v) if k in base else v
         return out
     if isinstance(base, list) and isinstance(override, dict) and all(str(k).isdigit() for k in override):
         out_list = list(base)
@@ -173,7 +174,7 @@ def _merge(base: Any, override: Any) -> Any:
             i = int(k)
             if i >= len(out_list):
                 raise ConfigError(f"override index {i} is out of range (list has {len(out_list)} items)")
-            out_list[i] = _merge(out_list[i], v)
+            out_list[i] = merge_trees(out_list[i], v)
         return out_list
     return override
 
@@ -194,7 +195,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...)")
     if overrides:
-        tree = _merge(tree, overrides)
+        tree = merge_trees(tree, overrides)
     return config_from_dict(tree, source)
 
 
