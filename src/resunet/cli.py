@@ -190,6 +190,12 @@ def predict(
     png_visible: bool = typer.Option(
         False, "--png-visible", help="PNG masks for the eye: 0/255 for a binary model (labels spread over "
         "0..255 otherwise) instead of the label indices 0, 1, ..."),
+    save_probabilities: bool = typer.Option(
+        False, "--save-probabilities", help="Also write CASE.npz beside each mask: per-class probabilities "
+        "(float32, the input's grid) with spacing, origin, direction and label names."),
+    num_parts: int = typer.Option(1, help="Split the cases into this many parts (job arrays; nnU-Net's convention)."),
+    part_id: int = typer.Option(0, help="Which part this process predicts: 0 .. --num-parts - 1."),
+    resume: bool = typer.Option(False, "--continue", help="Skip cases whose outputs are already complete."),
 ) -> None:
     """Segment images with a trained model; masks are written in the input's geometry.
 
@@ -208,8 +214,11 @@ def predict(
         model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
         postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
     )
-    written, failed = predict_inputs(predictor, input, output, png_visible=png_visible)
-    console.print(f"{len(written)} case(s) written to {output}")
+    written, failed, skipped = predict_inputs(
+        predictor, input, output, png_visible=png_visible, save_probabilities=save_probabilities,
+        num_parts=num_parts, part_id=part_id, skip_complete=resume)
+    console.print(f"{len(written)} file(s) written to {output}"
+                  + (f"; {len(skipped)} case(s) already complete, skipped" if skipped else ""))
     if predictor.backend_choice is not None:
         console.print(predictor.backend_choice.summary(), soft_wrap=True)
     if failed:

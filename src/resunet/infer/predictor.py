@@ -77,6 +77,11 @@ def slice_batch_size(batch_size: int, size: Sequence[int], divisor: int, max_bat
     return max(1, min(batch_size, max_batch_pixels // pixels))
 
 
+def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
+    """``(K, *S)`` probabilities -> ``(*S)`` labels: ``p > 0.5`` for one channel, else the argmax."""
+    return probs[0] > 0.5 if probs.shape[0] == 1 else probs.argmax(axis=0)
+
+
 @dataclass
 class PostprocessConfig:
     largest_component: bool = False
@@ -172,9 +177,16 @@ class Predictor:
     def predict_probabilities(self, images: Sequence[Volume]) -> np.ndarray:
         """Class probabilities ``(K, *S)`` on the original grid (K = 1 for binary: P(foreground))."""
         case = self.prepare(images)
+        return self.original_probabilities(self.case_logits(torch.from_numpy(case.image)), case)
+
+    def predict_prepared_with_probabilities(self, case: PreprocessedCase, template: Volume) -> tuple[Volume, np.ndarray]:
+        """`predict_prepared` plus the probabilities of every class ``(C, *S)`` on ``template``'s grid
+        (C = the number of labels, background included: a binary model's P(fg) becomes (1 - p, p))."""
         logits = self.case_logits(torch.from_numpy(case.image))
-        probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
-        return restore_original_geometry(probs.float().cpu().numpy(), case.properties, kind="probabilities")
+        probs = self.original_probabilities(logits, case)
+        if probs.shape[0] == 1:
+            probs = np.concatenate([1.0 - probs, probs])
+        return self.finish(logits, case, template), probs
 
     def predict(self, images: Sequence[Volume]) -> Volume:
         """Label map (uint8) with the geometry and metadata of ``images[0]``."""
@@ -241,12 +253,16 @@ class Predictor:
         props = case.properties
         if props["shape_after_resampling"] != props["shape_after_crop"]:
             # resample probabilities, not labels (smoother boundaries, as nnU-Net)
-            probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
-            probs = restore_original_geometry(probs.float().cpu().numpy(), props, kind="probabilities")
-            labels = probs[0] > 0.5 if probs.shape[0] == 1 else probs.argmax(axis=0)
+            labels = probabilities_to_labels(self.original_probabilities(logits, case))
         else:
             labels = restore_original_geometry(logits_to_labels(logits).cpu().numpy(), props, kind="label")
         return template.with_array(self._postprocess(labels.astype(np.uint8)))
+
+    def original_probabilities(self, logits: torch.Tensor, case: PreprocessedCase) -> np.ndarray:
+        """Class probabilities ``(K, *S)`` float32 of a prepared case on its original grid (K = 1
+        for a binary model: P(foreground); 0 outside the crop box)."""
+        probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
+        return restore_original_geometry(probs.float().cpu().numpy(), case.properties, kind="probabilities")
 
     def _shared_slice_logits(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """2-D mode: the slices of several same-size cases through shared batches.

@@ -1,6 +1,6 @@
 """Reading a case and writing its outputs, for every front end: `predict_inputs` (``resunet
-predict``: every case of an input path, one bad case never stops the rest) and `write_mask`
-(also used by the HTTP server and the DICOM node)."""
+predict``: every case of an input path, one bad case never stops the rest; probabilities,
+shards, ``--continue``) and `write_mask` (also used by the HTTP server and the DICOM node)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from resunet.data.channels import read_case
-from resunet.data.io import make_folder, write_volume
+from resunet.data.io import atomic_write, make_folder, read_header, write_volume
 from resunet.data.preprocess import PreprocessedCase
-from resunet.errors import ResunetError
+from resunet.errors import ConfigError, ResunetError
 from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
@@ -52,23 +52,89 @@ def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Pat
     return write_volume(mask, target)
 
 
+def probabilities_path(mask_path: Path) -> Path:
+    """Where ``--save-probabilities`` puts a case's probabilities: ``<case>.npz`` beside its mask."""
+    name = mask_path.name
+    stem = next((name[: -len(s)] for s in (*IMAGE_SUFFIXES, ".dcm") if name.lower().endswith(s)), mask_path.stem)
+    return mask_path.with_name(f"{stem}.npz")
+
+
+def write_probabilities(probabilities: np.ndarray, template: Volume, labels: dict[str, int], path: Path) -> Path:
+    """Class probabilities ``(C, *S)`` (C = every label value 0..C-1, on ``template``'s grid) as a
+    compressed ``.npz``: ``probabilities`` float32, ``spacing`` / ``origin`` (mm, array order),
+    ``direction``, ``labels`` (JSON name -> value). ``argmax`` over axis 0 is the mask."""
+    import json
+
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, probabilities=probabilities.astype(np.float32), spacing=np.asarray(template.spacing, float),
+                origin=np.asarray(template.origin, float), direction=np.asarray(template.direction, float),
+                labels=np.array(json.dumps(labels)),
+            )
+    return path
+
+
+def select_part(cases: list[InputCase], num_parts: int = 1, part_id: int = 0) -> list[InputCase]:
+    """nnU-Net's sharding: of the cases sorted by id, those at positions ``part_id``,
+    ``part_id + num_parts``, ...; the ``num_parts`` parts cover every case exactly once."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ConfigError(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+    return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
+
+
+def output_complete(path: Path) -> bool:
+    """An output file is there and readable (every writer renames a complete temporary file into
+    place, so a killed run leaves no partial file under the final name)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                return "probabilities" in data.files
+        if path.suffix == ".dcm":
+            import pydicom
+
+            pydicom.dcmread(str(path), stop_before_pixels=True)
+            return True
+        read_header(path)
+        return True
+    except Exception:  # unreadable: predict it again
+        return False
+
+
 def predict_inputs(
-    predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False
-) -> tuple[list[Path], dict[str, str]]:
-    """Predict all cases of ``input_path``; return the written paths and ``{case: error}`` of failures.
+    predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False, *,
+    save_probabilities: bool = False, num_parts: int = 1, part_id: int = 0, skip_complete: bool = False,
+) -> tuple[list[Path], dict[str, str], list[str]]:
+    """Predict the cases of ``input_path``; return the written paths, ``{case: error}`` of
+    failures and the ids of cases skipped because their outputs were already complete.
 
     Reading and preprocessing of the next case run in a background thread while the model works
     on the current one (at most two cases in memory). A case's channels are read by the rule of
     `resunet.data.channels` (an RGB picture is 3 channels). ``png_visible``: PNG masks hold 0/255
     (binary models) instead of the label indices 0/1, so that an image viewer shows them.
+    ``save_probabilities``: also `write_probabilities` beside each mask. ``num_parts`` /
+    ``part_id``: only this part of the cases (`select_part`). ``skip_complete``: cases whose
+    outputs are all complete (`output_complete`) are not predicted again (``--continue``).
     """
-    cases = discover_inputs(Path(input_path), predictor.num_input_channels)
+    every = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
-    single = len(cases) == 1
-    # a blocked output path (a file where the folder should be) fails once, before any work
-    make_folder(output_path(output, cases[0].case_id, cases[0].suffix, single).parent)
+    single = len(every) == 1
+
+    def targets(case: InputCase) -> list[Path]:
+        mask = output_path(output, case.case_id, case.suffix, single)
+        return [mask, probabilities_path(mask)] if save_probabilities else [mask]
+
+    cases = select_part(every, num_parts, part_id)
+    skipped = [c.case_id for c in cases if skip_complete and all(output_complete(t) for t in targets(c))]
+    cases = [c for c in cases if c.case_id not in set(skipped)]
     written: list[Path] = []
     failed: dict[str, str] = {}
+    if not cases:
+        return written, failed, skipped
+    # a blocked output path (a file where the folder should be) fails once, before any work
+    make_folder(targets(cases[0])[0].parent)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[case]}"))
 
@@ -78,18 +144,22 @@ def predict_inputs(
 
     with Progress(*columns, console=Console(stderr=True)) as bar, ThreadPoolExecutor(1) as pool:
         task = bar.add_task("Predicting", total=len(cases), case="")
-        ahead: Future | None = pool.submit(load, cases[0]) if cases else None
+        ahead: Future | None = pool.submit(load, cases[0])
         for i, case in enumerate(cases):
             bar.update(task, case=case.case_id)
             current, ahead = ahead, pool.submit(load, cases[i + 1]) if i + 1 < len(cases) else None
             try:
                 images, prepared = current.result()
-                target = output_path(output, case.case_id, case.suffix, single)
+                target = targets(case)[0]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                mask = predictor.predict_prepared(prepared, images[0])
+                if save_probabilities:
+                    mask, probs = predictor.predict_prepared_with_probabilities(prepared, images[0])
+                    written.append(write_probabilities(probs, images[0], predictor.labels, targets(case)[1]))
+                else:
+                    mask = predictor.predict_prepared(prepared, images[0])
                 written.append(write_mask(mask, images[0], predictor.labels, target,
                                           dicom_seg=case.kind == "dicom", png_visible=png_visible))
             except ResunetError as err:
                 failed[case.case_id] = str(err)
             bar.advance(task)
-    return written, failed
+    return written, failed, skipped
