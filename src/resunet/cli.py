@@ -395,14 +395,20 @@ def serve_http(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass inside a model call."),
     log_level: str = typer.Option("info", help="uvicorn log level (warning hides the access log)."),
+    studies: Optional[Path] = typer.Option(
+        None, "--studies", help="Folder of images: turns on the MONAI Label API (/info/, /datastore/, "
+        "/infer/MODEL for 3D Slicer / OHIF) with this folder as its datastore."),
 ) -> None:
     """HTTP API: POST /v1/segment (NIfTI / PNG in, mask out), /health, /v1/model, /metrics; dynamic batching."""
     from resunet.infer.predictor import Predictor
     from resunet.serve.http import run_http_server
+    from resunet.serve.monai_label import monai_label_routes
 
+    routes = [monai_label_routes(studies)] if studies is not None else []
     predictor = Predictor.from_file(model, backend=backend, device=device, batch_size=batch_size)
     run_http_server(predictor, host=host, port=port, log_level=log_level, max_batch=max_batch,
-                    max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token)
+                    max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token,
+                    routes=routes)
 
 
 # ---- serve dicom (resunet.serve.dicom_node)

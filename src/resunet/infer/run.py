@@ -38,17 +38,36 @@ def visible_mask(mask: Volume, top_label: int) -> Volume:
     return mask.with_array((np.asarray(mask.array).astype(np.uint16) * scale).astype(np.uint8))
 
 
+#: voxel types a label map may be written as (`write_mask` ``dtype``; MONAI Label's ``result_dtype``)
+MASK_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+def mask_as(mask: Volume, dtype: str) -> Volume:
+    """``mask`` with its labels stored as ``dtype`` (a name of `MASK_DTYPES`); `ConfigError`
+    naming the choices for another name, or when the largest label does not fit ``dtype``."""
+    if str(dtype) not in MASK_DTYPES:
+        raise ConfigError(f"mask type {dtype!r} is not supported; use one of {', '.join(MASK_DTYPES)}")
+    array, kind = np.asarray(mask.array), np.dtype(dtype)
+    top = int(array.max()) if array.size else 0
+    if kind.kind in "ui" and top > np.iinfo(kind).max:
+        raise ConfigError(f"mask type {dtype} cannot hold label {top}; use uint16 or a wider type")
+    return mask.with_array(array.astype(kind, copy=False))
+
+
 def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *, dicom_seg: bool = False,
-               png_visible: bool = False) -> Path:
+               png_visible: bool = False, dtype: str | None = None) -> Path:
     """Write a predicted label map the way every front end does: a DICOM SEG of the ``source``
-    series (``dicom_seg``), else ``target``'s format (NIfTI, PNG, ...) in ``mask``'s geometry;
-    ``png_visible`` spreads PNG labels over 0..255. Atomic; returns ``target``."""
+    series (``dicom_seg``), else ``target``'s format (NIfTI, NRRD, PNG, ...) in ``mask``'s
+    geometry; ``png_visible`` spreads PNG labels over 0..255; ``dtype`` (`mask_as`) sets the voxel
+    type of an image file (default: the mask's own, uint8). Atomic; returns ``target``."""
     if dicom_seg:
         from resunet.data.dicom_seg import write_dicom_seg
 
         return write_dicom_seg(mask, source, labels, target)
     if png_visible and target.suffix.lower() == ".png":
         mask = visible_mask(mask, max(labels.values(), default=1))
+    if dtype is not None:
+        mask = mask_as(mask, dtype)
     return write_volume(mask, target)
 
 

@@ -73,6 +73,7 @@ FORMATS = {".nii.gz": "application/gzip", ".nii": "application/octet-stream", ".
 SEGMENT_PATH = "/v1/segment"
 LATENCY_WINDOW = 10_000  # latencies kept for the percentiles
 MAX_VOXELS = 2**30  # decoded voxels x channels accepted per upload (a 4 GiB float32 image)
+FIELD_LIMIT = 2**20  # bytes of one text field of a multipart form (extensions' parameters)
 
 
 class _Reject(Exception):
@@ -168,6 +169,18 @@ def _suffix(filename: str) -> str:
                        "(the file name's extension gives the format)")
 
 
+def _check_length(request: Any, limit: int) -> None:
+    """`_Reject` a declared ``Content-Length`` that is garbled or over ``limit`` bytes, before any reading."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    if not declared.strip().isdigit():
+        raise _Reject(400, f"invalid Content-Length {declared!r}")
+    if int(declared) > limit:
+        raise _Reject(413, f"upload of {int(declared)} bytes is over the limit of {limit / 2**20:g} MiB; "
+                           "send a smaller image or raise --max-upload-mb", {"Connection": "close"})
+
+
 async def _body_chunks(request: Any, limit: int) -> AsyncIterator[bytes]:
     """The request body in chunks, stopping with 413 as soon as more than ``limit`` bytes came."""
     total = 0
@@ -180,23 +193,29 @@ async def _body_chunks(request: Any, limit: int) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _receive_raw(request: Any, folder: Path, limit: int) -> tuple[str, Path]:
+async def _receive_raw(request: Any, folder: Path, limit: int,
+                       suffix_of: Callable[[str], str] = _suffix) -> tuple[str, Path]:
     filename = request.query_params.get("filename")
     if not filename:
         raise _Reject(400, "a raw application/octet-stream upload needs the query parameter "
                            "?filename=NAME.nii.gz (or .nii / .png) to know its format")
-    target = folder / f"upload{_suffix(filename)}"
+    target = folder / f"upload{suffix_of(filename)}"
     with open(target, "wb") as fh:
         async for chunk in _body_chunks(request, limit):
             fh.write(chunk)
     return filename, target
 
 
-async def _receive_multipart(request: Any, boundary: bytes, folder: Path, limit: int) -> tuple[str, Path]:
+async def _receive_multipart(request: Any, boundary: bytes, folder: Path, limit: int,
+                             fields: dict[str, str] | None = None,
+                             suffix_of: Callable[[str], str] = _suffix) -> tuple[str, Path | None]:
+    """The multipart body's file field ``file`` streamed into ``folder`` (its name's suffix by
+    ``suffix_of``). ``fields``: when given, the other (text) fields are collected into it, at most
+    `FIELD_LIMIT` bytes each, and the file is optional (``("", None)`` without one)."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     state: dict[str, Any] = {"field": b"", "value": b"", "headers": {}, "fh": None, "name": None,
-                             "path": None, "ended": False}
+                             "path": None, "ended": False, "text": None}
 
     def on_part_begin() -> None:
         state["headers"] = {}
@@ -214,23 +233,32 @@ async def _receive_multipart(request: Any, boundary: bytes, folder: Path, limit:
     def on_headers_finished() -> None:
         _, options = parse_options_header(state["headers"].get("content-disposition", ""))
         if options.get(b"name") != b"file":
+            if fields is not None and not options.get(b"filename"):  # a text field to keep
+                state["text"] = (options.get(b"name", b"").decode("utf-8", "replace"), bytearray())
             return  # other form fields are ignored
         if state["path"] is not None:
             raise _Reject(400, "send one image per request (several 'file' fields found)")
         filename = options.get(b"filename", b"").decode("utf-8", "replace")
         if not filename:
             raise _Reject(400, "the multipart field 'file' has no filename; its extension gives the format")
-        state["name"], state["path"] = filename, folder / f"upload{_suffix(filename)}"
+        state["name"], state["path"] = filename, folder / f"upload{suffix_of(filename)}"
         state["fh"] = open(state["path"], "wb")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["fh"] is not None:
             state["fh"].write(data[start:end])
+        elif state["text"] is not None:
+            state["text"][1].extend(data[start:end])
+            if len(state["text"][1]) > FIELD_LIMIT:
+                raise _Reject(400, f"the form field {state['text'][0]!r} is over {FIELD_LIMIT // 1024} KiB")
 
     def on_part_end() -> None:
         if state["fh"] is not None:
             state["fh"].close()
             state["fh"] = None
+        if state["text"] is not None:
+            fields[state["text"][0]] = state["text"][1].decode("utf-8", "replace")  # type: ignore[index]
+            state["text"] = None
 
     def on_end() -> None:
         state["ended"] = True
@@ -252,25 +280,29 @@ async def _receive_multipart(request: Any, boundary: bytes, folder: Path, limit:
     finally:
         if state["fh"] is not None:
             state["fh"].close()
-    if state["path"] is None:
+    if state["path"] is None and fields is None:
         raise _Reject(400, "no file field 'file' in the multipart body; send the image as -F file=@image.nii.gz")
     if not state["ended"]:
         raise _Reject(400, "the multipart body ended before its closing boundary; re-send the complete upload")
-    return state["name"], state["path"]
+    return state["name"] or "", state["path"]
 
 
-async def _receive_upload(request: Any, folder: Path, limit: int) -> tuple[str, Path]:
-    """Stream the body into ``folder``; return the client's file name and the local path."""
+async def _receive_upload(request: Any, folder: Path, limit: int, fields: dict[str, str] | None = None,
+                          suffix_of: Callable[[str], str] = _suffix) -> tuple[str, Path | None]:
+    """Stream the body into ``folder``; return the client's file name and the local path
+    (``fields`` and ``suffix_of``: see `_receive_multipart`)."""
     from python_multipart.multipart import parse_options_header
+
+    _check_length(request, limit)
 
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype == b"multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
             raise _Reject(400, "multipart/form-data without a boundary; let the HTTP client build the body")
-        return await _receive_multipart(request, boundary, folder, limit)
+        return await _receive_multipart(request, boundary, folder, limit, fields, suffix_of)
     if ctype == b"application/octet-stream":
-        return await _receive_raw(request, folder, limit)
+        return await _receive_raw(request, folder, limit, suffix_of)
     shown = ctype.decode("latin-1") or "(none)"
     raise _Reject(400, f"unsupported content type {shown}: send multipart/form-data with the image in the "
                        "field 'file', or application/octet-stream with ?filename=NAME")
@@ -319,6 +351,23 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
     return split_channels(volume)
 
 
+async def _predict(batcher: DynamicBatcher, case: list[Volume], filename: str) -> BatchResult[Volume]:
+    """Queue ``case`` (its channel images) for the batch worker and wait for its mask; `_Reject`
+    503 when the queue is full or the server stops, 400 for the case's own problem."""
+    try:
+        future = batcher.submit(case)
+    except QueueFull:
+        raise _Reject(503, "the server is busy (request queue full); retry shortly", {"Retry-After": "1"}) from None
+    except Stopped:
+        raise _Reject(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"}) from None
+    try:
+        return await asyncio.wrap_future(future)
+    except Stopped:
+        raise _Reject(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"}) from None
+    except ResunetError as err:  # the case's own problem, reported by the predictor
+        raise _Reject(400, f"{filename}: {err}") from None
+
+
 def _encode_mask(mask: Volume, folder: Path, suffix: str) -> bytes:
     from resunet.infer.run import write_mask
 
@@ -351,13 +400,17 @@ def create_app(
     max_upload_mb: float = 512.0,
     token: str | None = None,
     upload_dir: str | os.PathLike[str] | None = None,
+    routes: Sequence[Callable[[Any], None]] = (),
 ) -> Any:
     """The FastAPI app serving ``predictor`` (anything with ``predict_many``, ``labels``,
     ``num_input_channels``, ``mode`` and optionally ``describe``).
 
     The batch worker starts and stops with the app's lifespan. ``upload_dir`` is where the private
     per-request folders are made (default: the system temporary folder). ``app.state.batcher``
-    and ``app.state.metrics`` are exposed for tests and embedding.
+    and ``app.state.metrics`` are exposed for tests and embedding. Each of ``routes`` is called
+    with the finished app to add more endpoints (e.g. `resunet.serve.monai_label.monai_label_routes`);
+    they find the batcher, ``authorised(request)``, ``upload_limit`` (bytes) and ``upload_dir``
+    in ``app.state``.
     """
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
@@ -395,6 +448,7 @@ def create_app(
     app = FastAPI(title="resunet", summary="Segment NIfTI / PNG images with a trained resunet model",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.metrics, app.state.predictor = batcher, metrics, predictor
+    app.state.upload_limit, app.state.upload_dir = limit, upload_dir
     app.add_middleware(_SegmentMetrics, metrics=metrics)
 
     def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -445,13 +499,6 @@ def create_app(
     async def segment(request: Request) -> Response:
         if not authorised(request):
             return unauthorised()
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                return error(400, f"invalid Content-Length {declared!r}")
-            if int(declared) > limit:
-                return error(413, f"upload of {int(declared)} bytes is over the limit of {max_upload_mb:g} MiB; "
-                                  "send a smaller image or raise --max-upload-mb", {"Connection": "close"})
         folder = Path(tempfile.mkdtemp(prefix="resunet-upload-", dir=upload_dir))
         try:
             os.chmod(folder, 0o700)
@@ -459,18 +506,7 @@ def create_app(
             suffix = _suffix(filename)
             case = await run_in_threadpool(_read_case, path, filename, channels, mode)
             path.unlink()  # the decoded case is in memory; free the disk early
-            try:
-                future = batcher.submit(case)
-            except QueueFull:
-                return error(503, "the server is busy (request queue full); retry shortly", {"Retry-After": "1"})
-            except Stopped:
-                return error(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"})
-            try:
-                result: BatchResult[Volume] = await asyncio.wrap_future(future)
-            except Stopped:
-                return error(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"})
-            except ResunetError as err:  # the case's own problem, reported by the predictor
-                return error(400, f"{filename}: {err}")
+            result = await _predict(batcher, case, filename)
             body = await run_in_threadpool(_encode_mask, result.value, folder, suffix)
             return Response(body, media_type=FORMATS[suffix], headers={
                 "Content-Disposition": f'attachment; filename="{_mask_name(filename, suffix)}"',
@@ -487,6 +523,9 @@ def create_app(
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    app.state.authorised = authorised
+    for add_routes in routes:
+        add_routes(app)
     return app
 
 
