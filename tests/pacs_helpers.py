@@ -201,18 +201,33 @@ def orthanc_binary() -> str | None:
     return "/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None
 
 
-class Orthanc:
-    """An Orthanc server from the OS package, configured in ``folder``; stopped by its PID."""
+def dicomweb_plugin() -> str | None:
+    """Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb), or None when not installed."""
+    for folder in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc"):
+        found = sorted(Path(folder).glob("libOrthancDicomWeb.so*")) if Path(folder).is_dir() else []
+        if found:
+            return str(found[0])
+    return None
 
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]]) -> None:
+
+class Orthanc:
+    """An Orthanc server from the OS package, configured in ``folder``; stopped by its PID.
+
+    ``dicomweb``: load the DICOMweb plugin; QIDO-RS / WADO-RS / STOW-RS then live under `dicomweb_url`.
+    """
+
+    def __init__(self, folder: Path, modalities: dict[str, tuple[str, str, int]], dicomweb: bool = False) -> None:
         self.folder = folder
         self.http_port, self.dicom_port = free_port(), free_port()
+        plugin = dicomweb_plugin() if dicomweb else None
+        assert plugin or not dicomweb, "Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
         config = {
             "Name": "resunet-test", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-            "Plugins": [], "DicomModalities": {k: list(v) for k, v in modalities.items()},
+            "Plugins": [plugin] if plugin else [], "DicomModalities": {k: list(v) for k, v in modalities.items()},
             "DicomAssociationCloseDelay": 0, "ConcurrentJobs": 1,
+            "DicomWeb": {"Enable": bool(plugin), "Root": "/dicom-web/", "EnableWado": False, "Host": "127.0.0.1"},
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = folder / "orthanc.log"
@@ -221,6 +236,10 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def start(self, timeout: float = 20) -> "Orthanc":
         binary = orthanc_binary()

@@ -88,6 +88,12 @@ def test_config_errors_name_the_fix(tmp_path):
         DicomNodeConfig(spool=tmp_path, destination=dest, allowed_aets=("X",), ae_title="A" * 17)
     with pytest.raises(ConfigError, match="--series-timeout"):
         DicomNodeConfig(spool=tmp_path, destination=dest, allowed_aets=("X",), series_timeout=0)
+    with pytest.raises(ConfigError, match="--dest AE@HOST:PORT .* --dest-dicomweb URL"):
+        DicomNodeConfig(spool=tmp_path, destination=None, allowed_aets=("X",))
+    with pytest.raises(ConfigError, match="--dest-dicomweb 'pacs:8042' is not an http"):
+        DicomNodeConfig(spool=tmp_path, destination=None, allowed_aets=("X",), dicomweb="pacs:8042")
+    web_only = DicomNodeConfig(spool=tmp_path, destination=None, allowed_aets=("X",), dicomweb="http://h:1/dw/")
+    assert web_only.dicomweb == "http://h:1/dw"
 
 
 def test_echo_works_and_unknown_calling_aet_is_rejected(start_node, dest, tmp_path):
@@ -159,6 +165,22 @@ def test_destination_down_keeps_seg_in_outbox_and_node_keeps_serving(start_node,
         assert [p.name for p in kept] == [f"{series.series_uid}.seg.dcm"]
         assert referenced_series(read_seg_file(kept[0])) == {series.series_uid}
         assert echo(node.port) == 0x0000
+    finally:
+        down.close()
+
+
+def test_a_dicomweb_destination_down_keeps_the_seg_while_c_store_delivers(start_node, dest, series, predictor,
+                                                                         tmp_path):
+    """--dest works, --dest-dicomweb does not answer: the SEG arrives by C-STORE, STOW-RS is tried
+    three times, and the SEG stays in outbox/ for the destination that missed it."""
+    down = CountingRefuser()
+    try:
+        node = start_node(dest.port, retry_delay=0.05, dicomweb=f"http://127.0.0.1:{down.port}/dicom-web")
+        assert send_files(node.port, series.files) == [0] * len(series.files)
+        wait_for(lambda: down.connections >= 3 and idle(node), 30, "three STOW-RS attempts")
+        assert down.connections == 3 and len(dest.received) == 1
+        check_seg(dest.received[0], series, predictor, tmp_path)
+        assert [p.name for p in node.spool.folder("outbox").iterdir()] == [f"{series.series_uid}.seg.dcm"]
     finally:
         down.close()
 

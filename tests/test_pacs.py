@@ -1,11 +1,14 @@
-"""End to end with a real Orthanc (OS package): PACS -> `resunet serve dicom` -> DICOM SEG back in the PACS.
+"""End to end with a real Orthanc (OS package): PACS -> `resunet serve dicom` -> DICOM SEG back in
+the PACS by C-STORE or STOW-RS, and `resunet predict --dicomweb --stow` (QIDO-RS / WADO-RS in,
+STOW-RS out) against Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb).
 
 Orthanc 1.10 binds 0.0.0.0 and cannot be told otherwise, so it only ever runs inside a private
 network namespace that holds nothing but loopback. A normal pytest run collects only the outer
-test, which re-runs this file inside ``unshare -n`` (``unshare -rn`` when not root) with
-``RESUNET_IN_NETNS=1``; there the inner test does the real work (and refuses to start Orthanc if
-the namespace has any interface besides ``lo``). The outer test skips only when Orthanc is not
-installed or no network namespace can be made.
+tests, each of which re-runs one inner test of this file inside ``unshare -n`` (``unshare -rn``
+when not root) with ``RESUNET_IN_NETNS=1``; there the inner test does the real work (and refuses
+to start Orthanc if the namespace has any interface besides ``lo``). An outer test skips only when
+Orthanc (or, for the DICOMweb ones, its DICOMweb plugin) is not installed or no network namespace
+can be made.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pacs_helpers import (
-    LABELS, Orthanc, ct_array, free_port, make_checkpoint, orthanc_binary, read_seg_file, referenced_instances,
-    referenced_series, scu, wait_for,
+    LABELS, Orthanc, ct_array, dicomweb_plugin, free_port, make_checkpoint, orthanc_binary, read_seg_file,
+    referenced_instances, referenced_series, scu, wait_for,
 )
 
 pytestmark = pytest.mark.pacs
@@ -49,16 +52,27 @@ def _namespace_prefix() -> tuple[list[str] | None, str]:
     return None, "no private network namespace can be created (" + "; ".join(errors) + ")"
 
 
+#: the inner tests, each run by one outer test; True: it needs Orthanc's DICOMweb plugin
+INNER = {
+    "test_orthanc_forwards_a_series_and_gets_the_seg_back[c-store]": False,
+    "test_orthanc_forwards_a_series_and_gets_the_seg_back[stow-rs]": True,
+    "test_predict_fetches_a_study_by_dicomweb_and_stows_the_segs_back": True,
+}
+
 if not IN_NETNS:
 
-    def test_pacs_round_trip_in_a_private_network_namespace(tmp_path):
+    @pytest.mark.parametrize("test", list(INNER))
+    def test_in_a_private_network_namespace(test, tmp_path):
         if orthanc_binary() is None:
             pytest.skip("Orthanc is not installed: apt-get install orthanc dcmtk (.ci/run does it when root)")
+        if INNER[test] and dicomweb_plugin() is None:
+            pytest.skip("Orthanc's DICOMweb plugin is not installed: apt-get install orthanc-dicomweb "
+                        "(.ci/run does it when root)")
         prefix, why = _namespace_prefix()
         if prefix is None:
             pytest.skip(why)
         inner = (f"ip link set lo up && exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider "
-                 f"--basetemp={shlex.quote(str(tmp_path / 'inner'))} {shlex.quote(__file__)} -m pacs")
+                 f"--basetemp={shlex.quote(str(tmp_path / 'inner'))} {shlex.quote(f'{__file__}::{test}')} -m pacs")
         env = {**os.environ, "RESUNET_IN_NETNS": "1"}
         run = subprocess.run([*prefix, "sh", "-c", inner], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=170)
@@ -95,20 +109,29 @@ else:
             return subprocess.Popen([sys.executable, "-m", "resunet", *args], stdout=out, stderr=subprocess.STDOUT,
                                     cwd=REPO, env=env)
 
-    def test_orthanc_forwards_a_series_and_gets_the_seg_back(tmp_path):
+    def _only_loopback() -> None:
+        interfaces = [name for _, name in socket.if_nameindex()]
+        assert interfaces == ["lo"], f"refusing to start Orthanc (binds 0.0.0.0) with interfaces {interfaces}"
+
+    @pytest.mark.parametrize("way_back", ["c-store", "stow-rs"])
+    def test_orthanc_forwards_a_series_and_gets_the_seg_back(tmp_path, way_back):
+        """Orthanc C-STOREs a CT series to the node; the SEG comes back by C-STORE (``--dest``) or by
+        STOW-RS to Orthanc's DICOMweb plugin (``--dest-dicomweb``)."""
         from dicom_series import write_ct_series
 
         from resunet import cli
         from resunet.data.dicom import read_dicom_series
         from resunet.data.dicom_seg import read_dicom_seg
 
-        interfaces = [name for _, name in socket.if_nameindex()]
-        assert interfaces == ["lo"], f"refusing to start Orthanc (binds 0.0.0.0) with interfaces {interfaces}"
+        _only_loopback()
         model = make_checkpoint(tmp_path / "m.pt")
         series = write_ct_series(tmp_path / "ct", ct_array())
         (tmp_path / "orthanc").mkdir()
         node_port = free_port()
-        orthanc = Orthanc(tmp_path / "orthanc", {"RESUNET": ("RESUNET", "127.0.0.1", node_port)})
+        orthanc = Orthanc(tmp_path / "orthanc", {"RESUNET": ("RESUNET", "127.0.0.1", node_port)},
+                          dicomweb=way_back == "stow-rs")
+        dest = (["--dest", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"] if way_back == "c-store"
+                else ["--dest-dicomweb", orthanc.dicomweb_url])
         # the offline reference, with the plain fp32 network like the node (where `predict` can choose)
         offline = tmp_path / "offline" / "seg.dcm"
         backend = ["--backend", "eager"] if "backend" in inspect.signature(cli.predict).parameters else []
@@ -116,8 +139,8 @@ else:
         predict = _start(["predict", "-m", str(model), "-i", str(series.folder), "-o", str(offline), *backend],
                          logs["predict"], tmp_path)
         node = _start(["serve", "dicom", "-m", str(model), "--ae-title", "RESUNET", "--port", str(node_port),
-                       "--allow-aet", "ORTHANC", "--dest", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-                       "--series-timeout", "1", "--spool", str(tmp_path / "spool")], logs["node"], tmp_path)
+                       "--allow-aet", "ORTHANC", *dest, "--series-timeout", "1", "--spool", str(tmp_path / "spool")],
+                      logs["node"], tmp_path)
         try:
             orthanc.start()
             _store_into(orthanc.dicom_port, series.files)
@@ -162,3 +185,56 @@ else:
         expected = read_dicom_seg(offline, source, LABELS)
         assert len(np.unique(expected)) > 1
         np.testing.assert_array_equal(read_dicom_seg(tmp_path / "from-orthanc.dcm", source, LABELS), expected)
+
+    def test_predict_fetches_a_study_by_dicomweb_and_stows_the_segs_back(tmp_path, capsys):
+        """``resunet predict --dicomweb URL --study UID --stow`` on a study of two CT series: each
+        gets a SEG, written locally and found again in Orthanc by QIDO-RS, referencing its series
+        and decoding to the offline prediction; a study without images is a clear error."""
+        from dicom_series import write_ct_series
+        from dicomweb_client import DICOMwebClient
+
+        from resunet import cli
+        from resunet.data.dicom import read_dicom_series
+        from resunet.data.dicom_seg import read_dicom_seg
+        from resunet.infer.predictor import Predictor
+
+        _only_loopback()
+        model = make_checkpoint(tmp_path / "m.pt")
+        first = write_ct_series(tmp_path / "ct1", ct_array())
+        second = write_ct_series(tmp_path / "ct2", ct_array((5, 20, 24), seed=3), study_uid=first.study_uid,
+                                 series_number=2, seed=1)
+        (tmp_path / "orthanc").mkdir()
+        orthanc = Orthanc(tmp_path / "orthanc", {}, dicomweb=True)
+        log = tmp_path / "predict.log"
+        try:
+            orthanc.start()
+            for path in (*first.files, *second.files):
+                orthanc.request("POST", "/instances", path.read_bytes())
+            run = _start(["predict", "-m", str(model), "--dicomweb", orthanc.dicomweb_url, "--study",
+                          first.study_uid, "--stow", "-o", str(tmp_path / "out"), "--backend", "eager"], log, tmp_path)
+            assert run.wait(timeout=120) == 0, log.read_text()
+            web = DICOMwebClient(orthanc.dicomweb_url)  # QIDO-RS: the SEG instances of the study
+            found = web.search_for_instances(first.study_uid, search_filters={"Modality": "SEG"})
+            uids = [item["00080018"]["Value"][0] for item in found]
+            files = [orthanc.request("GET", f"/instances/{orthanc.post('/tools/lookup', uid)[0]['ID']}/file")
+                     for uid in uids]
+            with pytest.raises(SystemExit) as exit_info:  # the CT-less study of nothing: exit 2, one clear line
+                cli.main(["predict", "-m", str(model), "--dicomweb", orthanc.dicomweb_url, "--study", "1.2.3.4",
+                          "-o", str(tmp_path / "none")])
+        finally:
+            orthanc.stop()
+            print(log.read_text(errors="replace")[-4000:] if log.exists() else "", orthanc.log.read_text()[-3000:])
+        assert exit_info.value.code == 2 and "no CT or MR series" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+            f"{s.series_uid}.dcm" for s in (first, second))
+        predictor = Predictor.from_file(model)
+        segs = [read_seg_file(data) for data in files]
+        assert sorted(referenced_series(seg).pop() for seg in segs) == sorted([first.series_uid, second.series_uid])
+        for seg, data in zip(segs, files):
+            series = first if referenced_series(seg) == {first.series_uid} else second
+            assert seg.Modality == "SEG" and referenced_instances(seg) == set(series.sop_instance_uids)
+            (tmp_path / "from-orthanc.dcm").write_bytes(data)
+            source = read_dicom_series(series.folder)
+            expected = predictor.predict([source]).array
+            assert len(np.unique(expected)) > 1
+            np.testing.assert_array_equal(read_dicom_seg(tmp_path / "from-orthanc.dcm", source, LABELS), expected)

@@ -175,8 +175,14 @@ def demo(
 @app.command()
 def predict(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
-    input: Path = typer.Option(..., "--input", "-i", help="Image file, DICOM series folder, or folder of cases."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image file, DICOM series folder, or folder of cases."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (or file name for a single case)."),
+    dicomweb: Optional[str] = typer.Option(
+        None, "--dicomweb", help="Instead of --input: a DICOMweb root URL (e.g. http://pacs:8042/dicom-web); "
+        "the series of --study / --series are fetched (QIDO-RS, WADO-RS) and get DICOM SEGs."),
+    study: Optional[str] = typer.Option(None, "--study", help="With --dicomweb: every CT / MR series of this study."),
+    series: Optional[str] = typer.Option(None, "--series", help="With --dicomweb: this series only."),
+    stow: bool = typer.Option(False, "--stow", help="With --dicomweb: store each SEG back on the server (STOW-RS)."),
     tta: bool = typer.Option(False, "--tta", help="Average over flipped inputs (slower, smoother)."),
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -202,9 +208,16 @@ def predict(
     Pictures (PNG, JPEG, RGB or grey) give PNG masks of the same size and name.
     """
     from resunet.hardware import set_threads
+    from resunet.infer.dicomweb import predict_dicomweb
     from resunet.infer.predictor import PostprocessConfig, Predictor
     from resunet.infer.run import predict_inputs
 
+    if (input is None) == (dicomweb is None):
+        raise ResunetError("give either --input PATH or --dicomweb URL (with --study UID or --series UID)")
+    if input is not None and (study or series or stow):
+        raise ResunetError("--study, --series and --stow go with --dicomweb URL, not with --input")
+    if dicomweb and (save_probabilities or num_parts != 1 or resume):
+        raise ResunetError("--save-probabilities, --num-parts and --continue work with --input only")
     if batch_size < 1:
         raise ResunetError(f"--batch-size must be >= 1, got {batch_size}")
     if min_size < 0:
@@ -214,9 +227,13 @@ def predict(
         model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
         postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
     )
-    written, failed, skipped = predict_inputs(
-        predictor, input, output, png_visible=png_visible, save_probabilities=save_probabilities,
-        num_parts=num_parts, part_id=part_id, skip_complete=resume)
+    if dicomweb:
+        (written, failed), skipped = predict_dicomweb(
+            predictor, dicomweb, output, study=study, series=series, stow=stow), []
+    else:
+        written, failed, skipped = predict_inputs(
+            predictor, input, output, png_visible=png_visible, save_probabilities=save_probabilities,
+            num_parts=num_parts, part_id=part_id, skip_complete=resume)
     console.print(f"{len(written)} file(s) written to {output}"
                   + (f"; {len(skipped)} case(s) already complete, skipped" if skipped else ""))
     if predictor.backend_choice is not None:
@@ -417,7 +434,11 @@ def serve_http(
 @serve_app.command("dicom")
 def serve_dicom(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
-    dest: str = typer.Option(..., "--dest", help="Where SEGs go: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)."),
+    dest: Optional[str] = typer.Option(
+        None, "--dest", help="Where SEGs go by C-STORE: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)."),
+    dest_dicomweb: Optional[str] = typer.Option(
+        None, "--dest-dicomweb", help="Where SEGs go by STOW-RS: a DICOMweb root URL (e.g. "
+        "http://127.0.0.1:8042/dicom-web); with or instead of --dest."),
     allow_aet: list[str] = typer.Option([], "--allow-aet", help="Calling AE title allowed to send (repeatable; all others are refused)."),
     spool: Path = typer.Option(..., "--spool", help="Private folder for received series, SEGs and failures."),
     ae_title: str = typer.Option("RESUNET", "--ae-title", help="This node's AE title."),
@@ -429,13 +450,14 @@ def serve_dicom(
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass."),
     tta: bool = typer.Option(False, "--tta", help="Average over flipped inputs (slower, smoother)."),
 ) -> None:
-    """DICOM node: receive CT/MR series from a PACS, segment each, C-STORE a DICOM SEG to --dest."""
+    """DICOM node: receive CT/MR series from a PACS, segment each, send a DICOM SEG to --dest / --dest-dicomweb."""
     from resunet.infer.predictor import Predictor
     from resunet.serve.dicom_node import Destination, DicomNodeConfig, run_dicom_node
 
     config = DicomNodeConfig(
-        spool=spool, destination=Destination.parse(dest), allowed_aets=tuple(allow_aet), ae_title=ae_title,
-        host=host, port=port, series_timeout=series_timeout, max_series_instances=max_series_instances,
+        spool=spool, destination=Destination.parse(dest) if dest else None, allowed_aets=tuple(allow_aet),
+        ae_title=ae_title, host=host, port=port, series_timeout=series_timeout,
+        max_series_instances=max_series_instances, dicomweb=dest_dicomweb,
     )
     run_dicom_node(Predictor.from_file(model, device=device, batch_size=batch_size, tta=tta), config)
 

@@ -8,9 +8,11 @@ C-STORE is answered with success.
 
 One worker thread moves every complete series to ``processing/``, reads it
 (`read_dicom_series`), predicts it (`Predictor.predict`), writes a DICOM SEG into ``outbox/``
-(`write_dicom_seg`) and C-STOREs that SEG to the destination, trying ``send_attempts`` times with
-a doubling delay. Sent: the SEG and the series are deleted. Not sent: the SEG stays in
-``outbox/`` (resend it with ``storescu -R``) and the error is logged. A series that cannot be
+(`write_dicom_seg`) and sends that SEG to each destination: C-STORE to ``destination``
+(``--dest``) and / or STOW-RS to the DICOMweb server ``dicomweb`` (``--dest-dicomweb``), trying
+each ``send_attempts`` times with a doubling delay. Sent everywhere: the SEG and the series are
+deleted. Not sent: the SEG stays in ``outbox/`` (resend it with ``storescu -R`` or a STOW-RS
+client) and the error is logged. A series that cannot be
 segmented goes to ``failed/`` with ``error.txt``; the node keeps serving in every case.
 """
 
@@ -22,6 +24,7 @@ import re
 import signal
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from resunet.errors import ConfigError, ResunetError
 from resunet.infer.predictor import Predictor
 from resunet.serve.dicom_spool import CompleteSeries, InvalidInstance, SeriesTooLarge, Spool, check_uid
 
-__all__ = ["Destination", "DicomNodeConfig", "DicomNode", "run_dicom_node", "send_file"]
+__all__ = ["Destination", "DicomNodeConfig", "DicomNode", "run_dicom_node", "send_file", "stow_file"]
 
 log = logging.getLogger("resunet.serve.dicom")
 
@@ -83,7 +86,7 @@ class DicomNodeConfig:
     """Settings of `DicomNode`; validated on creation (`ConfigError` names the option to fix)."""
 
     spool: Path
-    destination: Destination
+    destination: Destination | None  # C-STORE destination (--dest); None: DICOMweb only
     allowed_aets: tuple[str, ...]
     ae_title: str = "RESUNET"
     host: str = "127.0.0.1"
@@ -93,9 +96,17 @@ class DicomNodeConfig:
     send_attempts: int = 3
     retry_delay: float = 1.0  # seconds before the 2nd try, doubled for each further one
     poll_interval: float = 0.0  # 0: a quarter of series_timeout, at most 0.25 s
+    dicomweb: str | None = None  # DICOMweb root URL the SEGs are STOW-RS'd to (--dest-dicomweb)
 
     def __post_init__(self) -> None:
+        from resunet.infer.dicomweb import check_url
+
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "--ae-title"))
+        if self.destination is None and not self.dicomweb:
+            raise ConfigError("give --dest AE@HOST:PORT (C-STORE) and / or --dest-dicomweb URL (STOW-RS): "
+                              "where the SEGs go")
+        if self.dicomweb:
+            object.__setattr__(self, "dicomweb", check_url(self.dicomweb, "--dest-dicomweb"))
         if not self.allowed_aets:
             raise ConfigError("give at least one --allow-aet (the AE title of the PACS that sends series); "
                               "every other calling AE title is refused")
@@ -112,37 +123,66 @@ class DicomNodeConfig:
             object.__setattr__(self, "poll_interval", min(0.25, self.series_timeout / 4))
 
 
+def _retry(send: Callable[[], str | None], what: str, where: str, attempts: int, delay: float,
+           stop: threading.Event | None) -> bool:
+    """Call ``send`` (None: done, else why not) up to ``attempts`` times, waiting ``delay`` s
+    before the 2nd try and twice as long before each further one; True once it succeeded."""
+    stop = stop or threading.Event()
+    for attempt in range(1, attempts + 1):
+        try:
+            why = send()
+        except Exception as exc:  # network errors must not stop the node
+            why = f"{type(exc).__name__}: {exc}"
+        if why is None:
+            return True
+        log.warning("sending %s to %s failed (try %d of %d): %s", what, where, attempt, attempts, why)
+        if attempt < attempts and stop.wait(delay * 2 ** (attempt - 1)):
+            break
+    return False
+
+
+def _c_store(path: Path, destination: Destination, calling_aet: str) -> str | None:
+    """One C-STORE of ``path``: None when stored (a warning status counts), else why not."""
+    from pynetdicom import AE
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ae = AE(ae_title=calling_aet)
+    ae.connection_timeout = ae.acse_timeout = 10
+    ae.add_requested_context(_SEGMENTATION_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return "association rejected or no answer"
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code == 0 or 0xB000 <= code <= 0xBFFF:  # success, or stored with a warning
+        return None
+    return f"C-STORE status 0x{code:04X}" if code >= 0 else "no C-STORE response"
+
+
 def send_file(
     path: Path, destination: Destination, calling_aet: str, attempts: int = 3, delay: float = 1.0,
     stop: threading.Event | None = None,
 ) -> bool:
     """C-STORE the DICOM SEG file ``path`` to ``destination``; retry with a doubling delay; True when stored."""
-    from pynetdicom import AE
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    return _retry(lambda: _c_store(path, destination, calling_aet), path.name, str(destination), attempts, delay,
+                  stop)
 
-    stop = stop or threading.Event()
-    for attempt in range(1, attempts + 1):
-        ae = AE(ae_title=calling_aet)
-        ae.connection_timeout = ae.acse_timeout = 10
-        ae.add_requested_context(_SEGMENTATION_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        why = "association rejected or no answer"
+
+def stow_file(path: Path, url: str, attempts: int = 3, delay: float = 1.0, stop: threading.Event | None = None) -> bool:
+    """STOW-RS the DICOM SEG file ``path`` to the DICOMweb server ``url``; retry like `send_file`; True when stored."""
+    from resunet.infer.dicomweb import connect, store_file
+
+    def once() -> str | None:
         try:
-            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-            if assoc.is_established:
-                try:
-                    status = assoc.send_c_store(path)
-                finally:
-                    assoc.release()
-                code = int(getattr(status, "Status", -1)) if status else -1
-                if code == 0 or 0xB000 <= code <= 0xBFFF:  # success, or stored with a warning
-                    return True
-                why = f"C-STORE status 0x{code:04X}" if code >= 0 else "no C-STORE response"
-        except Exception as exc:  # network errors must not stop the node
-            why = f"{type(exc).__name__}: {exc}"
-        log.warning("sending %s to %s failed (try %d of %d): %s", path.name, destination, attempt, attempts, why)
-        if attempt < attempts and stop.wait(delay * 2 ** (attempt - 1)):
-            break
-    return False
+            store_file(connect(url), path)
+        except ResunetError as err:
+            return str(err)
+        return None
+
+    return _retry(once, path.name, url, attempts, delay, stop)
 
 
 class DicomNode:
@@ -188,7 +228,7 @@ class DicomNode:
         self._worker.start()
         log.info("DICOM node %s listening on %s:%d (calling AE titles allowed: %s); SEGs go to %s; spool %s",
                  self.config.ae_title, self.config.host, self.port, ", ".join(self.config.allowed_aets),
-                 self.config.destination, self.config.spool)
+                 " and ".join(str(d) for d in (self.config.destination, self.config.dicomweb) if d), self.config.spool)
         return self
 
     def stop(self) -> None:
@@ -268,14 +308,28 @@ class DicomNode:
             folder = self.spool.fail(series, f"{type(exc).__name__}: {detail}")
             log.error("series %s failed and was moved to %s: %s", series.series_uid, folder, exc)
             return
-        cfg = self.config
-        if send_file(seg, cfg.destination, cfg.ae_title, cfg.send_attempts, cfg.retry_delay, self._stop):
-            log.info("SEG of series %s sent to %s", series.series_uid, cfg.destination)
-            seg.unlink(missing_ok=True)
+        sent, missed = self._send(seg)
+        for where in sent:
+            log.info("SEG of series %s sent to %s", series.series_uid, where)
+        if missed:
+            log.error("SEG of series %s could not be sent to %s; it is kept in %s (resend it with storescu -R "
+                      "or a STOW-RS client)", series.series_uid, " and ".join(missed), seg)
         else:
-            log.error("SEG of series %s could not be sent to %s; it is kept in %s (resend it with storescu -R)",
-                      series.series_uid, cfg.destination, seg)
+            seg.unlink(missing_ok=True)
         self.spool.finish(series)
+
+    def _send(self, seg: Path) -> tuple[list[str], list[str]]:
+        """Send ``seg`` to every destination (C-STORE, STOW-RS); (where it arrived, where it did not)."""
+        cfg = self.config
+        sent: list[str] = []
+        missed: list[str] = []
+        if cfg.destination is not None:
+            ok = send_file(seg, cfg.destination, cfg.ae_title, cfg.send_attempts, cfg.retry_delay, self._stop)
+            (sent if ok else missed).append(str(cfg.destination))
+        if cfg.dicomweb:
+            ok = stow_file(seg, cfg.dicomweb, cfg.send_attempts, cfg.retry_delay, self._stop)
+            (sent if ok else missed).append(cfg.dicomweb)
+        return sent, missed
 
 
 def _peer(event: Any) -> str:
