@@ -66,20 +66,20 @@ class UnknownImage(InputError):
     """An image ID that is not in the datastore."""
 
 
-def image_suffix(filename: str) -> str:
-    """The image format of ``filename`` (a key of `IMAGE_FORMATS`); `_Reject` 400 otherwise."""
-    name = filename.strip().lower()
-    for suffix in IMAGE_FORMATS:
-        if name.endswith(suffix):
-            return suffix
-    raise _Reject(400, f"unsupported image {filename!r}: send a {', '.join(IMAGE_FORMATS)} file "
-                       "(the file name's extension gives the format)")
-
-
 def _split(name: str) -> tuple[str, str] | None:
+    """(stem, image format) of the file name ``name``; None when it is not an image of `IMAGE_FORMATS`."""
     lower = name.lower()
     suffix = next((s for s in IMAGE_FORMATS if lower.endswith(s)), None)
     return None if suffix is None else (name[: -len(suffix)], suffix)
+
+
+def image_suffix(filename: str) -> str:
+    """The image format of ``filename`` (a key of `IMAGE_FORMATS`); `_Reject` 400 otherwise."""
+    parts = _split(filename.strip())
+    if parts is None:
+        raise _Reject(400, f"unsupported image {filename!r}: send a {', '.join(IMAGE_FORMATS)} file "
+                           "(the file name's extension gives the format)")
+    return parts[1]
 
 
 class FolderDatastore:
@@ -258,7 +258,7 @@ class _MonaiLabel:
         labels = _label_names(self.predictor)
         model = {"type": "segmentation", "labels": labels, "dimension": _dimension(self.predictor),
                  "description": f"resunet model {self.name} ({self.mode}, {self.channels} channel(s))",
-                 "config": {"result_extension": list(IMAGE_FORMATS), "result_dtype": "uint8"}}
+                 "config": {}}  # clients show config entries as options and send them back: none here
         return {"name": "resunet", "description": "resunet serve http: MONAI Label-compatible inference",
                 "version": __version__, "labels": list(labels), "models": {self.name: model}, "trainers": {},
                 "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": self.datastore.status()}
