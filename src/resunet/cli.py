@@ -196,6 +196,8 @@ def predict(
     num_parts: int = typer.Option(1, help="Split the cases into this many parts (job arrays; nnU-Net's convention)."),
     part_id: int = typer.Option(0, help="Which part this process predicts: 0 .. --num-parts - 1."),
     resume: bool = typer.Option(False, "--continue", help="Skip cases whose outputs are already complete."),
+    dicom_format: str = typer.Option("seg", help="What a DICOM series gets: seg (DICOM SEG) or rtstruct "
+                                     "(RT Structure Set, ROI names = label names)."),
 ) -> None:
     """Segment images with a trained model; masks are written in the input's geometry.
 
@@ -216,7 +218,7 @@ def predict(
     )
     written, failed, skipped = predict_inputs(
         predictor, input, output, png_visible=png_visible, save_probabilities=save_probabilities,
-        num_parts=num_parts, part_id=part_id, skip_complete=resume)
+        num_parts=num_parts, part_id=part_id, skip_complete=resume, dicom_format=dicom_format)
     console.print(f"{len(written)} file(s) written to {output}"
                   + (f"; {len(skipped)} case(s) already complete, skipped" if skipped else ""))
     if predictor.backend_choice is not None:

@@ -38,15 +38,25 @@ def visible_mask(mask: Volume, top_label: int) -> Volume:
     return mask.with_array((np.asarray(mask.array).astype(np.uint16) * scale).astype(np.uint8))
 
 
-def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *, dicom_seg: bool = False,
-               png_visible: bool = False) -> Path:
-    """Write a predicted label map the way every front end does: a DICOM SEG of the ``source``
-    series (``dicom_seg``), else ``target``'s format (NIfTI, PNG, ...) in ``mask``'s geometry;
-    ``png_visible`` spreads PNG labels over 0..255. Atomic; returns ``target``."""
-    if dicom_seg:
+DICOM_FORMATS = ("seg", "rtstruct")
+
+
+def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *,
+               dicom_format: str | None = None, png_visible: bool = False) -> Path:
+    """Write a predicted label map the way every front end does: for a DICOM ``source`` series a
+    DICOM SEG (``dicom_format="seg"``) or an RT Structure Set (``"rtstruct"``) referencing it, else
+    ``target``'s format (NIfTI, PNG, ...) in ``mask``'s geometry; ``png_visible`` spreads PNG
+    labels over 0..255. Atomic; returns ``target``."""
+    if dicom_format == "seg":
         from resunet.data.dicom_seg import write_dicom_seg
 
         return write_dicom_seg(mask, source, labels, target)
+    if dicom_format == "rtstruct":
+        from resunet.data.rtstruct import write_rtstruct
+
+        return write_rtstruct(mask, source, labels, target)
+    if dicom_format is not None:
+        raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
     if png_visible and target.suffix.lower() == ".png":
         mask = visible_mask(mask, max(labels.values(), default=1))
     return write_volume(mask, target)
@@ -106,6 +116,7 @@ def output_complete(path: Path) -> bool:
 def predict_inputs(
     predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False, *,
     save_probabilities: bool = False, num_parts: int = 1, part_id: int = 0, skip_complete: bool = False,
+    dicom_format: str = "seg",
 ) -> tuple[list[Path], dict[str, str], list[str]]:
     """Predict the cases of ``input_path``; return the written paths, ``{case: error}`` of
     failures and the ids of cases skipped because their outputs were already complete.
@@ -117,7 +128,10 @@ def predict_inputs(
     ``save_probabilities``: also `write_probabilities` beside each mask. ``num_parts`` /
     ``part_id``: only this part of the cases (`select_part`). ``skip_complete``: cases whose
     outputs are all complete (`output_complete`) are not predicted again (``--continue``).
+    ``dicom_format``: what a DICOM series input gets, ``seg`` or ``rtstruct`` (`write_mask`).
     """
+    if dicom_format not in DICOM_FORMATS:
+        raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
     every = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(every) == 1
@@ -158,7 +172,8 @@ def predict_inputs(
                 else:
                     mask = predictor.predict_prepared(prepared, images[0])
                 written.append(write_mask(mask, images[0], predictor.labels, target,
-                                          dicom_seg=case.kind == "dicom", png_visible=png_visible))
+                                          dicom_format=dicom_format if case.kind == "dicom" else None,
+                                          png_visible=png_visible))
             except ResunetError as err:
                 failed[case.case_id] = str(err)
             bar.advance(task)

@@ -262,7 +262,7 @@ class DicomNode:
                 raise ResunetError(series.error)
             image = read_dicom_series(series.folder)
             mask = self.predictor.predict([image])
-            seg = write_mask(mask, image, self.predictor.labels, self.spool.outbox_path(series), dicom_seg=True)
+            seg = write_mask(mask, image, self.predictor.labels, self.spool.outbox_path(series), dicom_format="seg")
         except Exception as exc:
             detail = str(exc) if isinstance(exc, ResunetError) else traceback.format_exc()
             folder = self.spool.fail(series, f"{type(exc).__name__}: {detail}")
