@@ -16,6 +16,8 @@ from resunet.data.preprocess import PreprocessedCase
 from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
+from resunet.data.limits import DEFAULT_MAX_VOXELS
+from resunet.serve.memory import GIB, Admission
 
 
 def output_path(output: Path, case_id: str, suffix: str, single: bool) -> Path:
@@ -37,7 +39,8 @@ def visible_mask(mask: Volume, top_label: int) -> Volume:
 
 
 def predict_inputs(
-    predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False
+    predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS, max_memory_gb: float | None = None,
 ) -> tuple[list[Path], dict[str, str]]:
     """Predict all cases of ``input_path``; return the written paths and ``{case: error}`` of failures.
 
@@ -45,7 +48,11 @@ def predict_inputs(
     on the current one (at most two cases in memory). A case's channels are read by the rule of
     `resunet.data.channels` (an RGB picture is 3 channels). ``png_visible``: PNG masks hold 0/255
     (binary models) instead of the label indices 0/1, so that an image viewer shows them.
+    ``max_voxels`` / ``max_memory_gb``: a case whose headers declare more voxels x channels, or
+    whose estimated memory does not fit (`resunet.serve.memory.Admission`), fails before it is
+    decoded; the others go on.
     """
+    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB))
     cases = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(cases) == 1
@@ -57,6 +64,7 @@ def predict_inputs(
                TextColumn("{task.fields[case]}"))
 
     def load(case: InputCase) -> tuple[list[Volume], PreprocessedCase]:
+        admission.need(case.paths)  # headers only: refuse before decoding
         images = read_case(case.paths, predictor.num_input_channels)
         return images, predictor.prepare(images)
 
@@ -81,5 +89,7 @@ def predict_inputs(
                     written.append(write_volume(mask, target))
             except ResunetError as err:
                 failed[case.case_id] = str(err)
+            except MemoryError as err:
+                failed[case.case_id] = f"out of memory ({err}); lower --max-memory-gb so such cases are refused up front"
             bar.advance(task)
     return written, failed
