@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 console = Console()
 
-# memory limits shared by predict and both servers (resunet.data.limits, resunet.serve.memory)
+# memory limits shared by predict and both servers (resunet.data.limits, resunet.infer.memory)
 _MAX_VOXELS = typer.Option(DEFAULT_MAX_VOXELS, help="Most voxels x channels one image may declare "
                            "(checked from its header, before decoding); beyond: refused.")
 _MAX_MEMORY_GB = typer.Option(None, help="Memory for the whole process in GiB (default: half of the "

@@ -17,7 +17,7 @@ from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
 from resunet.data.limits import DEFAULT_MAX_VOXELS
-from resunet.serve.memory import GIB, Admission
+from resunet.infer.memory import GIB, Admission
 
 
 def output_path(output: Path, case_id: str, suffix: str, single: bool) -> Path:
@@ -49,10 +49,11 @@ def predict_inputs(
     `resunet.data.channels` (an RGB picture is 3 channels). ``png_visible``: PNG masks hold 0/255
     (binary models) instead of the label indices 0/1, so that an image viewer shows them.
     ``max_voxels`` / ``max_memory_gb``: a case whose headers declare more voxels x channels, or
-    whose estimated memory does not fit (`resunet.serve.memory.Admission`), fails before it is
+    whose estimated memory does not fit (`resunet.infer.memory.Admission`), fails before it is
     decoded; the others go on.
     """
-    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB))
+    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB),
+                          strict=False)
     cases = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(cases) == 1

@@ -16,7 +16,7 @@ segmented goes to ``failed/`` with ``error.txt``; the node keeps serving in ever
 Memory: the instances of a series may declare at most ``max_voxels`` voxels together (Rows x
 Columns x frames; beyond, C-STORE answers 0xA700 and the series fails); before a complete series is
 assembled, its headers are read again (``stop_before_pixels``) and its estimated memory must fit
-``max_memory_gb`` (`resunet.serve.memory.Admission`), or it goes to ``failed/`` unread. Deflated
+``max_memory_gb`` (`resunet.infer.memory.Admission`), or it goes to ``failed/`` unread. Deflated
 transfer syntax is not accepted (a small deflated dataset can inflate to gigabytes).
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 from resunet.data.limits import DEFAULT_MAX_VOXELS, dicom_instance_voxels
 from resunet.errors import ConfigError, ResunetError
 from resunet.infer.predictor import Predictor
-from resunet.serve.memory import GIB, Admission
+from resunet.infer.memory import GIB, Admission
 from resunet.serve.dicom_spool import CompleteSeries, InvalidInstance, SeriesTooLarge, Spool, check_uid
 
 __all__ = ["Destination", "DicomNodeConfig", "DicomNode", "run_dicom_node", "send_file"]

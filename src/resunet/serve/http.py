@@ -32,7 +32,7 @@ whole budget, 503 + ``Retry-After`` when the queue is full, when the memory budg
 ``memory_wait_s`` or the server shuts down, 500 (generic message, traceback in the log) when
 the model fails unexpectedly -- the server keeps serving.
 
-Memory (`resunet.serve.memory`): before an upload is decoded its header is read and the request
+Memory (`resunet.infer.memory`): before an upload is decoded its header is read and the request
 reserves the bytes decoding and predicting it will allocate from one budget for the whole server
 (``max_memory_gb``, default half of the physical RAM); the reservation is released when the
 request is answered. A ``.nii.gz`` is never inflated beyond what its header declares
@@ -72,7 +72,7 @@ from resunet.data.limits import DEFAULT_MAX_VOXELS, TooLarge
 from resunet.data.volume import Volume
 from resunet.errors import ConfigError, ResunetError
 from resunet.serve.batching import BatchResult, DynamicBatcher, QueueFull, Stopped
-from resunet.serve.memory import GIB, Admission, BudgetTimeout, OverBudget
+from resunet.infer.memory import GIB, Admission, BudgetTimeout, OverBudget
 
 __all__ = ["ServerMetrics", "create_app", "load_predictor", "run_http_server"]
 
@@ -339,6 +339,12 @@ def _reservation(admission: Admission, path: Path, filename: str) -> int:
                            f"{str(err).replace(str(path), filename)}") from None
 
 
+def _admission(predictor: Any, max_voxels: int, max_memory_gb: float | None, memory_wait_s: float) -> Admission:
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise ConfigError(f"--max-memory-gb must be positive, got {max_memory_gb}")
+    return Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB), memory_wait_s)
+
+
 def _encode_mask(mask: Volume, folder: Path, suffix: str) -> bytes:
     from resunet.data.io import write_volume
 
@@ -382,7 +388,7 @@ def create_app(
     per-request folders are made (default: the system temporary folder). ``max_voxels`` (voxels x
     channels an upload may declare), ``max_memory_gb`` (GiB for the whole process, default half
     of the physical RAM) and ``memory_wait_s`` (seconds a request waits for memory before 503):
-    see `resunet.serve.memory`. ``app.state.batcher``, ``app.state.metrics`` and
+    see `resunet.infer.memory`. ``app.state.batcher``, ``app.state.metrics`` and
     ``app.state.admission`` are exposed for tests and embedding.
     """
     if max_batch < 1:
@@ -397,10 +403,7 @@ def create_app(
         raise ConfigError("the token is empty; pass a non-empty --token / RESUNET_TOKEN or none at all")
     if upload_dir is not None and not Path(upload_dir).is_dir():
         raise ConfigError(f"upload folder {upload_dir} does not exist; create it first")
-    if max_memory_gb is not None and not max_memory_gb > 0:
-        raise ConfigError(f"--max-memory-gb must be positive, got {max_memory_gb}")
-    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB),
-                          memory_wait_s)
+    admission = _admission(predictor, max_voxels, max_memory_gb, memory_wait_s)
     retry_after = str(max(1, round(memory_wait_s)))
     limit = int(max_upload_mb * 2**20)
     channels, mode = int(predictor.num_input_channels), str(getattr(predictor, "mode", "2d"))
@@ -463,8 +466,7 @@ def create_app(
             "how": "multipart/form-data field 'file', or application/octet-stream with ?filename=NAME",
         }
         info["batching"] = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size}
-        info["memory"] = {"max_voxels": admission.max_voxels, "max_memory_bytes": admission.max_memory,
-                          "request_budget_bytes": admission.budget.total, "wait_s": admission.wait_s}
+        info["memory"] = admission.describe()
         return JSONResponse(info)
 
     @app.get("/metrics")
@@ -473,8 +475,7 @@ def create_app(
             return unauthorised()
         snap = metrics.snapshot()
         snap["queue"] = {"depth": batcher.depth, "size": queue_size, "worker_busy": batcher.busy}
-        budget = admission.budget
-        snap["memory"] = {"budget_bytes": budget.total, "reserved_bytes": budget.in_use, "peak_reserved_bytes": budget.peak}
+        snap["memory"] = admission.budget.snapshot()
         return JSONResponse(snap)
 
     @app.post(SEGMENT_PATH)

@@ -1,7 +1,7 @@
 """Memory accounting: every request reserves what decoding and predicting it will allocate, first.
 
 A server has one budget (`MemoryBudget`, ``--max-memory-gb``; default half of the physical RAM).
-Before an upload is decoded, `Admission.need` reads its header (`resunet.data.limits`), refuses
+Before an upload is decoded, `Admission.need` reads its header (`resunet.data.headers`), refuses
 it when it declares more than ``--max-voxels`` voxels x channels, and estimates its bytes with
 `estimate_request_bytes`; the request then holds a reservation of that many bytes until it is
 answered. A request that never fits (more than the whole budget) is refused at once
@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from resunet.data.limits import DEFAULT_MAX_VOXELS, DeclaredSize, check_voxels, declared_case
+from resunet.data.headers import declared_case
+from resunet.data.limits import DEFAULT_MAX_VOXELS, DeclaredSize, check_voxels
 from resunet.errors import ConfigError, ResunetError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ModelFootprint",
     "OverBudget",
     "Reservation",
+    "MIN_BUDGET_BYTES",
     "SLACK_BYTES",
     "default_memory_bytes",
     "estimate_request_bytes",
@@ -50,6 +52,8 @@ __all__ = [
 GIB = 2**30
 #: bytes kept free of reservations for the HTTP/DICOM machinery, threads and allocator slack
 SLACK_BYTES = 96 * 2**20
+#: the smallest budget for requests a server starts with
+MIN_BUDGET_BYTES = 64 * 2**20
 
 
 class OverBudget(ResunetError):
@@ -185,6 +189,11 @@ class MemoryBudget:
                 self.in_use = 0
                 raise RuntimeError("released more memory than was reserved")
             self._cond.notify_all()
+
+    def snapshot(self) -> dict[str, int]:
+        """``budget_bytes``, ``reserved_bytes`` (now) and ``peak_reserved_bytes`` (ever), for /metrics."""
+        with self._cond:
+            return {"budget_bytes": self.total, "reserved_bytes": self.in_use, "peak_reserved_bytes": self.peak}
 
     def _busy(self, nbytes: int, timeout: float | None) -> str:
         return (f"{nbytes / GIB:.3g} GiB did not fit within {timeout:g} s ({self.in_use / GIB:.3g} of "
@@ -330,7 +339,8 @@ class ModelFootprint:
         if not isinstance(net, torch.nn.Module):  # an ONNX file: count on the same architecture
             from resunet.nets import build_model
 
-            cfg = dict(predictor.spec["model"])
+            spec = predictor.spec
+            cfg = dict(spec["model"] if isinstance(spec, dict) else spec.model)
             net = build_model(cfg.pop("name"), **cfg).eval()
         dims, div = int(net.spatial_dims), int(net.divisor)
         if predictor.mode == "2d":
@@ -379,11 +389,13 @@ class Admission:
     ``max_memory_bytes``: the whole process's budget (``--max-memory-gb``, default
     `default_memory_bytes`); ``wait_s``: how long a request waits for memory (``--memory-wait-s``).
     ``budget`` holds ``max_memory_bytes`` minus the process's resident memory now, the model's
-    fixed forward reserve and `SLACK_BYTES`; a `ConfigError` says so when nothing is left.
+    fixed forward reserve and `SLACK_BYTES`; when less than `MIN_BUDGET_BYTES` is left a
+    `ConfigError` says so (``strict``, the servers), or the budget is `MIN_BUDGET_BYTES` (a
+    command that handles one case at a time in a process that is already large).
     """
 
     def __init__(self, predictor: Any, max_voxels: int = DEFAULT_MAX_VOXELS, max_memory_bytes: int | None = None,
-                 wait_s: float = 5.0) -> None:
+                 wait_s: float = 5.0, strict: bool = True) -> None:
         if max_voxels < 1:
             raise ConfigError(f"--max-voxels must be at least 1, got {max_voxels}")
         if wait_s < 0:
@@ -392,13 +404,18 @@ class Admission:
         self.max_memory = int(max_memory_bytes) if max_memory_bytes is not None else default_memory_bytes()
         self.footprint = ModelFootprint.of(predictor)
         self.at_rest = (process_memory_bytes() or 0) + self.footprint.fixed_bytes + SLACK_BYTES
-        if self.max_memory - self.at_rest < 64 * 2**20:
+        if strict and self.max_memory - self.at_rest < MIN_BUDGET_BYTES:
             raise ConfigError(
                 f"--max-memory-gb {self.max_memory / GIB:.3g} leaves nothing for requests: the server itself "
                 f"holds {self.at_rest / GIB:.3g} GiB (the loaded model, one forward pass and slack); "
                 "raise --max-memory-gb"
             )
-        self.budget = MemoryBudget(self.max_memory - self.at_rest)
+        self.budget = MemoryBudget(max(self.max_memory - self.at_rest, MIN_BUDGET_BYTES))
+
+    def describe(self) -> dict[str, float | int]:
+        """The limits, JSON-able (bytes, seconds), for ``GET /v1/model``."""
+        return {"max_voxels": self.max_voxels, "max_memory_bytes": self.max_memory,
+                "request_budget_bytes": self.budget.total, "wait_s": self.wait_s}
 
     def need(self, paths: Sequence[str | os.PathLike[str]], name: str | None = None) -> int:
         """Bytes a request for the case ``paths`` must reserve, from their headers only.
