@@ -40,17 +40,17 @@ from pynetdicom.sop_class import CTImageStorage
 from test_dicom_node import check_seg, idle
 from test_serve_http import TIMEOUT, Gated, files, offline, predictor, running, start_cli_server, upload  # noqa: F401
 
-from resunet.data.io import read_volume
 from resunet.data.headers import declared_size
+from resunet.data.io import read_volume
 from resunet.data.limits import DEFAULT_MAX_VOXELS, GZIP_TRAILING_SLACK, DeclaredSize, TooLarge, check_voxels
 from resunet.errors import ConfigError, InputError
+from resunet.infer.memory import (
+    SLACK_BYTES, BudgetTimeout, MemoryBudget, ModelFootprint, OverBudget, estimate_request_bytes,
+    process_memory_bytes,
+)
 from resunet.infer.predictor import Predictor
 from resunet.serve.dicom_node import Destination, DicomNode, DicomNodeConfig
 from resunet.serve.http import create_app
-from resunet.infer.memory import (
-    BudgetTimeout, MemoryBudget, ModelFootprint, OverBudget, SLACK_BYTES, estimate_request_bytes,
-    process_memory_bytes,
-)
 
 GIB = 2**30
 BUDGET_GB = 1.5  # --max-memory-gb of the server under attack

@@ -11,12 +11,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.channels import read_case
 from resunet.data.io import make_folder, write_volume
+from resunet.data.limits import DEFAULT_MAX_VOXELS
 from resunet.errors import ResunetError
 from resunet.data.preprocess import PreprocessedCase
 from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
-from resunet.data.limits import DEFAULT_MAX_VOXELS
 from resunet.infer.memory import GIB, Admission
 
 

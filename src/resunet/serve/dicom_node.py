@@ -34,8 +34,8 @@ from typing import Any
 
 from resunet.data.limits import DEFAULT_MAX_VOXELS, dicom_instance_voxels
 from resunet.errors import ConfigError, ResunetError
-from resunet.infer.predictor import Predictor
 from resunet.infer.memory import GIB, Admission
+from resunet.infer.predictor import Predictor
 from resunet.serve.dicom_spool import CompleteSeries, InvalidInstance, SeriesTooLarge, Spool, check_uid
 
 __all__ = ["Destination", "DicomNodeConfig", "DicomNode", "run_dicom_node", "send_file"]
