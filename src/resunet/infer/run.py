@@ -13,11 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.channels import read_case
 from resunet.data.io import atomic_write, make_folder, read_header, write_volume
+from resunet.data.limits import DEFAULT_MAX_VOXELS
 from resunet.data.preprocess import PreprocessedCase
 from resunet.errors import ConfigError, ResunetError
 from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
+from resunet.infer.memory import GIB, Admission
 
 
 def output_path(output: Path, case_id: str, suffix: str, single: bool) -> Path:
@@ -116,7 +118,7 @@ def output_complete(path: Path) -> bool:
 def predict_inputs(
     predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False, *,
     save_probabilities: bool = False, num_parts: int = 1, part_id: int = 0, skip_complete: bool = False,
-    dicom_format: str = "seg",
+    dicom_format: str = "seg", max_voxels: int = DEFAULT_MAX_VOXELS, max_memory_gb: float | None = None,
 ) -> tuple[list[Path], dict[str, str], list[str]]:
     """Predict the cases of ``input_path``; return the written paths, ``{case: error}`` of
     failures and the ids of cases skipped because their outputs were already complete.
@@ -129,9 +131,14 @@ def predict_inputs(
     ``part_id``: only this part of the cases (`select_part`). ``skip_complete``: cases whose
     outputs are all complete (`output_complete`) are not predicted again (``--continue``).
     ``dicom_format``: what a DICOM series input gets, ``seg`` or ``rtstruct`` (`write_mask`).
+    ``max_voxels`` / ``max_memory_gb``: a case whose headers declare more voxels x channels, or
+    whose estimated memory does not fit (`resunet.infer.memory.Admission`), fails before it is
+    decoded; the others go on.
     """
     if dicom_format not in DICOM_FORMATS:
         raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
+    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB),
+                          strict=False)
     every = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(every) == 1
@@ -153,6 +160,7 @@ def predict_inputs(
                TextColumn("{task.fields[case]}"))
 
     def load(case: InputCase) -> tuple[list[Volume], PreprocessedCase]:
+        admission.need(case.paths)  # headers only: refuse before decoding
         images = read_case(case.paths, predictor.num_input_channels)
         return images, predictor.prepare(images)
 
@@ -176,5 +184,7 @@ def predict_inputs(
                                           png_visible=png_visible))
             except ResunetError as err:
                 failed[case.case_id] = str(err)
+            except MemoryError as err:
+                failed[case.case_id] = f"out of memory ({err}); lower --max-memory-gb so such cases are refused up front"
             bar.advance(task)
     return written, failed, skipped

@@ -26,9 +26,17 @@ Endpoints
 Errors are JSON ``{"detail": reason}``: 400 bad payload (unknown/garbled format, empty file,
 wrong content type, wrong channel count), 401 missing/wrong bearer token (when a token is set;
 ``/health`` stays open), 413 upload over ``max_upload_mb`` (declared Content-Length checked up
-front, streamed bytes counted, so a chunked or lying client is cut off too), 503 + ``Retry-After``
-when the queue is full or the server shuts down, 500 (generic message, traceback in the log) when
+front, streamed bytes counted, so a chunked or lying client is cut off too), 413 image whose
+header declares more than ``max_voxels`` voxels x channels or whose estimated memory is over the
+whole budget, 503 + ``Retry-After`` when the queue is full, when the memory budget stays busy for
+``memory_wait_s`` or the server shuts down, 500 (generic message, traceback in the log) when
 the model fails unexpectedly -- the server keeps serving.
+
+Memory (`resunet.infer.memory`): before an upload is decoded its header is read and the request
+reserves the bytes decoding and predicting it will allocate from one budget for the whole server
+(``max_memory_gb``, default half of the physical RAM); the reservation is released when the
+request is answered. A ``.nii.gz`` is never inflated beyond what its header declares
+(`resunet.data.limits`).
 
 Uploads are streamed into a private temporary folder (mode 0700) that is removed after the request
 whatever happens. Reading the upload and encoding the mask run in worker threads; the model runs
@@ -60,9 +68,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from resunet.data.limits import DEFAULT_MAX_VOXELS, TooLarge
 from resunet.data.volume import Volume
 from resunet.errors import ConfigError, ResunetError
 from resunet.serve.batching import BatchResult, DynamicBatcher, QueueFull, Stopped
+from resunet.infer.memory import GIB, Admission, BudgetTimeout, OverBudget
 
 __all__ = ["ServerMetrics", "create_app", "run_http_server"]
 
@@ -72,7 +82,6 @@ log = logging.getLogger("resunet.serve.http")
 FORMATS = {".nii.gz": "application/gzip", ".nii": "application/octet-stream", ".png": "image/png"}
 SEGMENT_PATH = "/v1/segment"
 LATENCY_WINDOW = 10_000  # latencies kept for the percentiles
-MAX_VOXELS = 2**30  # decoded voxels x channels accepted per upload (a 4 GiB float32 image)
 
 
 class _Reject(Exception):
@@ -286,7 +295,7 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
     is 3 channels, a grey PNG 1, a 4-D NIfTI its last axis.
     """
     from resunet.data.channels import check_channels, split_channels
-    from resunet.data.io import read_header, read_volume
+    from resunet.data.io import read_volume
 
     if path.stat().st_size == 0:
         raise _Reject(400, f"{filename} is empty (0 bytes); send the image file itself")
@@ -295,11 +304,7 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
         return str(err).replace(str(path), filename)
 
     try:
-        header = read_header(path)
-        voxels = int(np.prod(header.shape)) * int(header.num_channels)
-        if voxels > MAX_VOXELS:
-            raise _Reject(413, f"{filename} holds {voxels} voxels, more than the {MAX_VOXELS} this server takes")
-        volume = read_volume(path)
+        volume = read_volume(path)  # its header was checked by _reservation first
     except ResunetError as err:
         raise _Reject(400, client_message(err)) from None
     except _Reject:
@@ -317,6 +322,27 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
     if volume.meta.pop("alpha_dropped", False):  # noted in the log, not as a warning per request
         log.info("%s: its alpha (transparency) channel is dropped; the model sees the other channels", filename)
     return split_channels(volume)
+
+
+def _reservation(admission: Admission, path: Path, filename: str) -> int:
+    """Bytes the upload must reserve (from its header only); 413 over a limit, 400 unreadable."""
+    if path.stat().st_size == 0:
+        raise _Reject(400, f"{filename} is empty (0 bytes); send the image file itself")
+    try:
+        return admission.need([path], filename)
+    except (TooLarge, OverBudget) as err:
+        raise _Reject(413, str(err).replace(str(path), filename)) from None
+    except ResunetError as err:
+        raise _Reject(400, str(err).replace(str(path), filename)) from None
+    except Exception as err:  # a header reader failing in a way it does not classify
+        raise _Reject(400, f"cannot read the header of {filename}: {type(err).__name__}: "
+                           f"{str(err).replace(str(path), filename)}") from None
+
+
+def _admission(predictor: Any, max_voxels: int, max_memory_gb: float | None, memory_wait_s: float) -> Admission:
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise ConfigError(f"--max-memory-gb must be positive, got {max_memory_gb}")
+    return Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB), memory_wait_s)
 
 
 def _encode_mask(mask: Volume, folder: Path, suffix: str) -> bytes:
@@ -351,13 +377,19 @@ def create_app(
     max_upload_mb: float = 512.0,
     token: str | None = None,
     upload_dir: str | os.PathLike[str] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_memory_gb: float | None = None,
+    memory_wait_s: float = 5.0,
 ) -> Any:
-    """The FastAPI app serving ``predictor`` (anything with ``predict_many``, ``labels``,
-    ``num_input_channels``, ``mode`` and optionally ``describe``).
+    """The FastAPI app serving ``predictor`` (a `Predictor`, or anything with its ``predict_many``,
+    ``labels``, ``num_input_channels``, ``mode``, ``model``, ``preprocess`` and batching attributes).
 
     The batch worker starts and stops with the app's lifespan. ``upload_dir`` is where the private
-    per-request folders are made (default: the system temporary folder). ``app.state.batcher``
-    and ``app.state.metrics`` are exposed for tests and embedding.
+    per-request folders are made (default: the system temporary folder). ``max_voxels`` (voxels x
+    channels an upload may declare), ``max_memory_gb`` (GiB for the whole process, default half
+    of the physical RAM) and ``memory_wait_s`` (seconds a request waits for memory before 503):
+    see `resunet.infer.memory`. ``app.state.batcher``, ``app.state.metrics`` and
+    ``app.state.admission`` are exposed for tests and embedding.
     """
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
@@ -371,6 +403,8 @@ def create_app(
         raise ConfigError("the token is empty; pass a non-empty --token / RESUNET_TOKEN or none at all")
     if upload_dir is not None and not Path(upload_dir).is_dir():
         raise ConfigError(f"upload folder {upload_dir} does not exist; create it first")
+    admission = _admission(predictor, max_voxels, max_memory_gb, memory_wait_s)
+    retry_after = str(max(1, round(memory_wait_s)))
     limit = int(max_upload_mb * 2**20)
     channels, mode = int(predictor.num_input_channels), str(getattr(predictor, "mode", "2d"))
     metrics = ServerMetrics()
@@ -395,6 +429,7 @@ def create_app(
     app = FastAPI(title="resunet", summary="Segment NIfTI / PNG images with a trained resunet model",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.metrics, app.state.predictor = batcher, metrics, predictor
+    app.state.admission = admission
     app.add_middleware(_SegmentMetrics, metrics=metrics)
 
     def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -431,6 +466,7 @@ def create_app(
             "how": "multipart/form-data field 'file', or application/octet-stream with ?filename=NAME",
         }
         info["batching"] = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size}
+        info["memory"] = admission.describe()
         return JSONResponse(info)
 
     @app.get("/metrics")
@@ -439,6 +475,7 @@ def create_app(
             return unauthorised()
         snap = metrics.snapshot()
         snap["queue"] = {"depth": batcher.depth, "size": queue_size, "worker_busy": batcher.busy}
+        snap["memory"] = admission.budget.snapshot()
         return JSONResponse(snap)
 
     @app.post(SEGMENT_PATH)
@@ -457,27 +494,33 @@ def create_app(
             os.chmod(folder, 0o700)
             filename, path = await _receive_upload(request, folder, limit)
             suffix = _suffix(filename)
-            case = await run_in_threadpool(_read_case, path, filename, channels, mode)
-            path.unlink()  # the decoded case is in memory; free the disk early
-            try:
-                future = batcher.submit(case)
-            except QueueFull:
-                return error(503, "the server is busy (request queue full); retry shortly", {"Retry-After": "1"})
-            except Stopped:
-                return error(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"})
-            try:
-                result: BatchResult[Volume] = await asyncio.wrap_future(future)
-            except Stopped:
-                return error(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"})
-            except ResunetError as err:  # the case's own problem, reported by the predictor
-                return error(400, f"{filename}: {err}")
-            body = await run_in_threadpool(_encode_mask, result.value, folder, suffix)
-            return Response(body, media_type=FORMATS[suffix], headers={
-                "Content-Disposition": f'attachment; filename="{_mask_name(filename, suffix)}"',
-                "X-Resunet-Batch-Size": str(result.batch_size),
-            })
+            need = await run_in_threadpool(_reservation, admission, path, filename)
+            async with admission.budget.reserve_async(need, admission.wait_s) as held:
+                case = await run_in_threadpool(_read_case, path, filename, channels, mode)
+                path.unlink()  # the decoded case is in memory; free the disk early
+                try:
+                    future = batcher.submit(case)
+                except QueueFull:
+                    return error(503, "the server is busy (request queue full); retry shortly", {"Retry-After": "1"})
+                except Stopped:
+                    return error(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"})
+                held.keep_until(future)  # the batch may outlive this handler (client gone)
+                try:
+                    result: BatchResult[Volume] = await asyncio.wrap_future(future)
+                except Stopped:
+                    return error(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"})
+                except ResunetError as err:  # the case's own problem, reported by the predictor
+                    return error(400, f"{filename}: {err}")
+                body = await run_in_threadpool(_encode_mask, result.value, folder, suffix)
+                return Response(body, media_type=FORMATS[suffix], headers={
+                    "Content-Disposition": f'attachment; filename="{_mask_name(filename, suffix)}"',
+                    "X-Resunet-Batch-Size": str(result.batch_size),
+                })
         except _Reject as r:
             return error(r.status, r.detail, r.headers)
+        except BudgetTimeout as err:
+            return error(503, f"the server's memory budget is busy: {filename} {err}; retry shortly",
+                         {"Retry-After": retry_after})
         except ClientDisconnect:
             log.info("client disconnected during the upload; request dropped")
             return Response(status_code=499)  # nginx's "client closed request"; never reaches the client
