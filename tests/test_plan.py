@@ -79,6 +79,27 @@ def test_fingerprint_known_values(tiny_mr, tmp_path):
     assert fingerprint_dataset(info, tmp_path / "cache", progress=False) == fp
 
 
+def test_fingerprint_sees_differently_stored_scans_in_one_axis_order(tmp_path):
+    """A case stored sagittally (array axes permuted, one reversed) has the canonical case's shape
+    and spacing in the fingerprint: the order the planned reorientation trains in."""
+    root = tmp_path / "Dataset003_Mixed"
+    image, label = blob_case((12, 20, 16), (6, 8, 8), 3)
+    write_case(root, "axial", image, label, spacing=(3.0, 1.0, 0.8))
+    # array axis 0 <- old x (reversed), 1 <- old y, 2 <- old z: the columns of direction say where each goes
+    perm = np.flip(np.transpose(image, (2, 1, 0)), axis=0).copy()
+    perm_label = np.flip(np.transpose(label, (2, 1, 0)), axis=0).copy()
+    direction = np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # ITK columns (x, y, z)
+    write_case(root, "sagittal", perm, perm_label, spacing=(0.8, 1.0, 3.0), direction=direction)
+    write_json(root, {"background": 0, "a": 1})
+    fp = fingerprint_dataset(find_dataset(root), tmp_path / "cache", progress=False)
+    by_id = {c.case_id: c for c in fp.cases}
+    assert by_id["sagittal"].orientation != by_id["axial"].orientation
+    for case in by_id.values():
+        assert case.spacing == pytest.approx((3.0, 1.0, 0.8)) and case.shape == (12, 20, 16)
+        assert case.nonzero_shape == by_id["axial"].nonzero_shape
+    assert fp.median_spacing == pytest.approx((3.0, 1.0, 0.8))
+
+
 def test_component_counts_and_absent_class(tmp_path):
     root = tmp_path / "D"
     image, label = blob_case((10, 24, 24), (5, 6, 6), 2)

@@ -481,22 +481,31 @@ def rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
+def start_cli_server(model: Path, log_path: Path, *flags: str, env: dict | None = None,
+                     preexec_fn=None) -> tuple[subprocess.Popen, str]:
+    """``resunet serve http -m model --port 0 --log-level warning *flags`` as a subprocess logging to
+    ``log_path``; waits (at most 60 s) until it listens and returns the process and its URL."""
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resunet", "serve", "http", "-m", str(model), "--port", "0", "--log-level",
+         "warning", *flags], stdout=log, stderr=log, env=env, preexec_fn=preexec_fn)
+    log.close()
+    deadline = time.monotonic() + 60
+    while "listening on" not in (text := log_path.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{text}")
+        time.sleep(0.05)
+    return proc, text.split("listening on ")[1].split()[0]
+
+
 def test_cli_server_under_load_then_sigterm(files, offline, tmp_path):
     """``resunet serve http`` as a subprocess: token from RESUNET_TOKEN, 8 clients for ~5 s, no 5xx
     but 503, RSS growth after warm-up < 10 %, then SIGTERM exits cleanly."""
-    log = open(tmp_path / "server.log", "w+")
     env = {**os.environ, "RESUNET_TOKEN": "t0ken", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "resunet", "serve", "http", "-m", str(files["model"]), "--port", "0",
-         "--max-batch", "8", "--max-wait-ms", "10", "--queue-size", "64", "--log-level", "warning"],
-        stdout=log, stderr=log, env=env)
+    proc, url = start_cli_server(files["model"], tmp_path / "server.log", "--max-batch", "8", "--max-wait-ms", "10",
+                                 "--queue-size", "64", env=env)
     try:
-        deadline = time.monotonic() + 60
-        while "listening on" not in (text := (tmp_path / "server.log").read_text()):
-            assert proc.poll() is None, text
-            assert time.monotonic() < deadline, text
-            time.sleep(0.05)
-        url = text.split("listening on ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         assert upload(url, files["img0"]).status_code == 401
         auth = {"Authorization": "Bearer t0ken"}
@@ -545,6 +554,5 @@ def test_cli_server_under_load_then_sigterm(files, offline, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
     text = (tmp_path / "server.log").read_text()
     assert "Traceback" not in text and text.rstrip().endswith("resunet serve http: stopped")

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import resunet
+from resunet.data.limits import DEFAULT_MAX_VOXELS
 from resunet.errors import ResunetError
 
 app = typer.Typer(
@@ -25,6 +26,12 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+
+# memory limits shared by predict and both servers (resunet.data.limits, resunet.infer.memory)
+_MAX_VOXELS = typer.Option(DEFAULT_MAX_VOXELS, help="Most voxels x channels one image may declare "
+                           "(checked from its header, before decoding); beyond: refused.")
+_MAX_MEMORY_GB = typer.Option(None, help="Memory for the whole process in GiB (default: half of the "
+                              "physical RAM); an image whose estimated need does not fit is refused.")
 
 
 def _version(value: bool) -> None:
@@ -202,6 +209,10 @@ def predict(
     num_parts: int = typer.Option(1, help="Split the cases into this many parts (job arrays; nnU-Net's convention)."),
     part_id: int = typer.Option(0, help="Which part this process predicts: 0 .. --num-parts - 1."),
     resume: bool = typer.Option(False, "--continue", help="Skip cases whose outputs are already complete."),
+    dicom_format: str = typer.Option("seg", help="What a DICOM series gets: seg (DICOM SEG) or rtstruct "
+                                     "(RT Structure Set, ROI names = label names)."),
+    max_voxels: int = _MAX_VOXELS,
+    max_memory_gb: Optional[float] = _MAX_MEMORY_GB,
 ) -> None:
     """Segment images with a trained model; masks are written in the input's geometry.
 
@@ -229,11 +240,13 @@ def predict(
     )
     if dicomweb:
         (written, failed), skipped = predict_dicomweb(
-            predictor, dicomweb, output, study=study, series=series, stow=stow), []
+            predictor, dicomweb, output, study=study, series=series, stow=stow, dicom_format=dicom_format,
+            max_voxels=max_voxels, max_memory_gb=max_memory_gb), []
     else:
         written, failed, skipped = predict_inputs(
             predictor, input, output, png_visible=png_visible, save_probabilities=save_probabilities,
-            num_parts=num_parts, part_id=part_id, skip_complete=resume)
+            num_parts=num_parts, part_id=part_id, skip_complete=resume, dicom_format=dicom_format,
+            max_voxels=max_voxels, max_memory_gb=max_memory_gb)
     console.print(f"{len(written)} file(s) written to {output}"
                   + (f"; {len(skipped)} case(s) already complete, skipped" if skipped else ""))
     if predictor.backend_choice is not None:
@@ -412,6 +425,9 @@ def serve_http(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass inside a model call."),
     log_level: str = typer.Option("info", help="uvicorn log level (warning hides the access log)."),
+    max_voxels: int = _MAX_VOXELS,
+    max_memory_gb: Optional[float] = _MAX_MEMORY_GB,
+    memory_wait_s: float = typer.Option(5.0, help="Seconds a request waits for memory; then 503 + Retry-After."),
     studies: Optional[Path] = typer.Option(
         None, "--studies", help="Folder of images: turns on the MONAI Label API (/info/, /datastore/, "
         "/infer/MODEL for 3D Slicer / OHIF) with this folder as its datastore."),
@@ -425,7 +441,7 @@ def serve_http(
     predictor = Predictor.from_file(model, backend=backend, device=device, batch_size=batch_size)
     run_http_server(predictor, host=host, port=port, log_level=log_level, max_batch=max_batch,
                     max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token,
-                    routes=routes)
+                    max_voxels=max_voxels, max_memory_gb=max_memory_gb, memory_wait_s=memory_wait_s, routes=routes)
 
 
 # ---- serve dicom (resunet.serve.dicom_node)
@@ -449,6 +465,8 @@ def serve_dicom(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(8, help="Slices / windows per forward pass."),
     tta: bool = typer.Option(False, "--tta", help="Average over flipped inputs (slower, smoother)."),
+    max_voxels: int = _MAX_VOXELS,
+    max_memory_gb: Optional[float] = _MAX_MEMORY_GB,
 ) -> None:
     """DICOM node: receive CT/MR series from a PACS, segment each, send a DICOM SEG to --dest / --dest-dicomweb."""
     from resunet.infer.predictor import Predictor
@@ -457,7 +475,8 @@ def serve_dicom(
     config = DicomNodeConfig(
         spool=spool, destination=Destination.parse(dest) if dest else None, allowed_aets=tuple(allow_aet),
         ae_title=ae_title, host=host, port=port, series_timeout=series_timeout,
-        max_series_instances=max_series_instances, dicomweb=dest_dicomweb,
+        max_series_instances=max_series_instances, max_voxels=max_voxels, max_memory_gb=max_memory_gb,
+        dicomweb=dest_dicomweb,
     )
     run_dicom_node(Predictor.from_file(model, device=device, batch_size=batch_size, tta=tta), config)
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from resunet.data.limits import read_nifti_data
 from resunet.data.volume import Volume
 from resunet.errors import InputError
 
@@ -311,8 +312,11 @@ def _read_nifti(path: Path) -> Volume:
         ) from exc
     _check_nifti_size(img, path)
     try:
-        # Force the read now: a truncated .nii.gz fails here, not later in training.
-        data = np.asanyarray(img.dataobj)
+        # Force the read now: a truncated .nii.gz fails here, not later in training. A .nii.gz is
+        # inflated in chunks up to the size its header declares, never beyond (resunet.data.limits).
+        data = read_nifti_data(img, path)
+    except InputError:
+        raise
     except Exception as exc:  # nibabel, gzip, zlib, EOFError, ValueError, OSError ...
         raise InputError(
             f"cannot read NIfTI file {path}: {type(exc).__name__}: {exc}. The file is corrupt "

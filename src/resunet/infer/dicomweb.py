@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from resunet.data.limits import DEFAULT_MAX_VOXELS
 from resunet.errors import ConfigError, InputError, ResunetError
 from resunet.infer.predictor import Predictor
 
@@ -156,21 +157,30 @@ def store_file(client: Any, path: Path) -> None:
 
 def predict_dicomweb(
     predictor: Predictor, url: str, output: Path, *, study: str | None = None, series: str | None = None,
-    stow: bool = False,
+    stow: bool = False, dicom_format: str = "seg", max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_memory_gb: float | None = None,
 ) -> tuple[list[Path], dict[str, str]]:
     """Predict the CT / MR series of ``study`` (or the one ``series``) of the DICOMweb server
-    ``url``; write ``output/<SeriesInstanceUID>.dcm`` DICOM SEGs (``output`` itself when it names a
-    ``.dcm`` file and there is one series) and with ``stow`` store each on the server.
+    ``url``; write ``output/<SeriesInstanceUID>.dcm`` (``output`` itself when it names a ``.dcm``
+    file and there is one series), a DICOM SEG or with ``dicom_format="rtstruct"`` an RT Structure
+    Set, and with ``stow`` store each on the server. ``max_voxels`` / ``max_memory_gb``: a series
+    whose headers declare more, or that would not fit in memory, fails before it is decoded
+    (`resunet.infer.memory.Admission`, as for ``predict -i``).
 
-    Returns the SEG paths and ``{series UID: error}`` of the series that failed (the others go
+    Returns the written paths and ``{series UID: error}`` of the series that failed (the others go
     on). Finding the series fails at once (`InputError` / `ConfigError`)."""
     from resunet.data.dicom import read_dicom_series
     from resunet.data.io import make_folder
-    from resunet.infer.run import output_path, write_mask
+    from resunet.infer.memory import GIB, Admission
+    from resunet.infer.run import DICOM_FORMATS, output_path, write_mask
 
+    if dicom_format not in DICOM_FORMATS:
+        raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
     if predictor.num_input_channels != 1:
         raise ConfigError(f"the model expects {predictor.num_input_channels} channels per case; a DICOM series "
                           "is one channel: use a single-channel model with --dicomweb")
+    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB),
+                          strict=False)
     client = connect(url)
     refs = find_series(client, study, series)
     output = Path(output)
@@ -183,8 +193,10 @@ def predict_dicomweb(
         try:
             with tempfile.TemporaryDirectory(prefix="resunet-dicomweb-") as tmp:
                 fetch_series(client, ref, Path(tmp))
+                admission.need([tmp], f"series {ref.series_uid}")  # headers only: refuse before decoding
                 image = read_dicom_series(tmp)
-                written.append(write_mask(predictor.predict([image]), image, predictor.labels, target, dicom_seg=True))
+                mask = predictor.predict([image])
+                written.append(write_mask(mask, image, predictor.labels, target, dicom_format=dicom_format))
         except ResunetError as err:
             failed[ref.series_uid] = str(err)
             continue
@@ -192,5 +204,5 @@ def predict_dicomweb(
             if stow:
                 store_file(client, target)
         except ResunetError as err:
-            failed[ref.series_uid] = f"{err} (the SEG is written to {target}, but not stored on the server)"
+            failed[ref.series_uid] = f"{err} ({target} is written, but not stored on the server)"
     return written, failed

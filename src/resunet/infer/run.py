@@ -13,11 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resunet.data.channels import read_case
 from resunet.data.io import atomic_write, make_folder, read_header, write_volume
+from resunet.data.limits import DEFAULT_MAX_VOXELS
 from resunet.data.preprocess import PreprocessedCase
 from resunet.errors import ConfigError, ResunetError
 from resunet.data.volume import Volume
 from resunet.infer.inputs import IMAGE_SUFFIXES, InputCase, discover_inputs
 from resunet.infer.predictor import Predictor
+from resunet.infer.memory import GIB, Admission
 
 
 def output_path(output: Path, case_id: str, suffix: str, single: bool) -> Path:
@@ -38,6 +40,7 @@ def visible_mask(mask: Volume, top_label: int) -> Volume:
     return mask.with_array((np.asarray(mask.array).astype(np.uint16) * scale).astype(np.uint8))
 
 
+DICOM_FORMATS = ("seg", "rtstruct")
 #: voxel types a label map may be written as (`write_mask` ``dtype``; MONAI Label's ``result_dtype``)
 MASK_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -54,16 +57,23 @@ def mask_as(mask: Volume, dtype: str) -> Volume:
     return mask.with_array(array.astype(kind, copy=False))
 
 
-def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *, dicom_seg: bool = False,
-               png_visible: bool = False, dtype: str | None = None) -> Path:
-    """Write a predicted label map the way every front end does: a DICOM SEG of the ``source``
-    series (``dicom_seg``), else ``target``'s format (NIfTI, NRRD, PNG, ...) in ``mask``'s
-    geometry; ``png_visible`` spreads PNG labels over 0..255; ``dtype`` (`mask_as`) sets the voxel
-    type of an image file (default: the mask's own, uint8). Atomic; returns ``target``."""
-    if dicom_seg:
+def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *,
+               dicom_format: str | None = None, png_visible: bool = False, dtype: str | None = None) -> Path:
+    """Write a predicted label map the way every front end does: for a DICOM ``source`` series a
+    DICOM SEG (``dicom_format="seg"``) or an RT Structure Set (``"rtstruct"``) referencing it, else
+    ``target``'s format (NIfTI, NRRD, PNG, ...) in ``mask``'s geometry; ``png_visible`` spreads PNG
+    labels over 0..255; ``dtype`` (`mask_as`) sets the voxel type of an image file (default: the
+    mask's own, uint8). Atomic; returns ``target``."""
+    if dicom_format == "seg":
         from resunet.data.dicom_seg import write_dicom_seg
 
         return write_dicom_seg(mask, source, labels, target)
+    if dicom_format == "rtstruct":
+        from resunet.data.rtstruct import write_rtstruct
+
+        return write_rtstruct(mask, source, labels, target)
+    if dicom_format is not None:
+        raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
     if png_visible and target.suffix.lower() == ".png":
         mask = visible_mask(mask, max(labels.values(), default=1))
     if dtype is not None:
@@ -125,6 +135,7 @@ def output_complete(path: Path) -> bool:
 def predict_inputs(
     predictor: Predictor, input_path: Path, output: Path, png_visible: bool = False, *,
     save_probabilities: bool = False, num_parts: int = 1, part_id: int = 0, skip_complete: bool = False,
+    dicom_format: str = "seg", max_voxels: int = DEFAULT_MAX_VOXELS, max_memory_gb: float | None = None,
 ) -> tuple[list[Path], dict[str, str], list[str]]:
     """Predict the cases of ``input_path``; return the written paths, ``{case: error}`` of
     failures and the ids of cases skipped because their outputs were already complete.
@@ -136,7 +147,15 @@ def predict_inputs(
     ``save_probabilities``: also `write_probabilities` beside each mask. ``num_parts`` /
     ``part_id``: only this part of the cases (`select_part`). ``skip_complete``: cases whose
     outputs are all complete (`output_complete`) are not predicted again (``--continue``).
+    ``dicom_format``: what a DICOM series input gets, ``seg`` or ``rtstruct`` (`write_mask`).
+    ``max_voxels`` / ``max_memory_gb``: a case whose headers declare more voxels x channels, or
+    whose estimated memory does not fit (`resunet.infer.memory.Admission`), fails before it is
+    decoded; the others go on.
     """
+    if dicom_format not in DICOM_FORMATS:
+        raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
+    admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB),
+                          strict=False)
     every = discover_inputs(Path(input_path), predictor.num_input_channels)
     output = Path(output)
     single = len(every) == 1
@@ -158,6 +177,7 @@ def predict_inputs(
                TextColumn("{task.fields[case]}"))
 
     def load(case: InputCase) -> tuple[list[Volume], PreprocessedCase]:
+        admission.need(case.paths)  # headers only: refuse before decoding
         images = read_case(case.paths, predictor.num_input_channels)
         return images, predictor.prepare(images)
 
@@ -177,8 +197,11 @@ def predict_inputs(
                 else:
                     mask = predictor.predict_prepared(prepared, images[0])
                 written.append(write_mask(mask, images[0], predictor.labels, target,
-                                          dicom_seg=case.kind == "dicom", png_visible=png_visible))
+                                          dicom_format=dicom_format if case.kind == "dicom" else None,
+                                          png_visible=png_visible))
             except ResunetError as err:
                 failed[case.case_id] = str(err)
+            except MemoryError as err:
+                failed[case.case_id] = f"out of memory ({err}); lower --max-memory-gb so such cases are refused up front"
             bar.advance(task)
     return written, failed, skipped

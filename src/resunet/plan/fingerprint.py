@@ -1,6 +1,8 @@
 """Dataset fingerprint: what the planner needs to know about a dataset, measured once and cached.
 
-Per case: spatial shape (array order ``(D, H, W)`` / ``(H, W)``), spacing (mm, array order),
+Per case: spatial shape (array order ``(D, H, W)`` / ``(H, W)``), spacing (mm, array order;
+3-D: both in the canonical axis order of `resunet.data.preprocess.canonical_axes`, the order the
+planned preprocessing reorients every case to, so they compare across differently stored scans),
 orientation (the closest axis codes, e.g. ``"SAR"``... see `orientation_code`), the number of
 channels and the shape of the non-zero region (what ``crop_to_nonzero`` keeps).
 Per channel: intensity statistics of the FOREGROUND voxels (label > 0) pooled over the cases,
@@ -31,6 +33,7 @@ from scipy import ndimage
 
 from resunet.data.datasets import Case, DatasetInfo, load_case
 from resunet.data.io import atomic_write
+from resunet.data.preprocess import canonical_axes
 from resunet.errors import InputError, ResunetError
 
 __all__ = [
@@ -44,7 +47,7 @@ __all__ = [
     "orientation_code",
 ]
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: 3-D shapes and spacings in the canonical axis order
 SAMPLES_PER_CASE = 10_000
 #: voxels x classes per case up to which connected components are counted
 COMPONENT_BUDGET = 200_000_000
@@ -126,7 +129,7 @@ class DatasetFingerprint(_Frozen):
     @property
     def is_flat(self) -> bool:
         """2-D data: 2-D images, or 3-D files holding one slice each (2-D NIfTI)."""
-        return self.spatial_ndim == 2 or all(c.shape[0] == 1 for c in self.cases)
+        return self.spatial_ndim == 2 or all(min(c.shape) == 1 for c in self.cases)
 
     @property
     def modalities(self) -> list[str]:
@@ -202,11 +205,13 @@ def _case_record(case: Case, info: DatasetInfo, seed: int) -> dict[str, Any]:
                 continue
             components = ndimage.label(lab == v)[1] if count_components else -1
             classes[int(v)] = (k / lab.size, int(components))
+    order = canonical_axes(image.direction)[0] if n == 3 else list(range(n))
+    nonzero = _nonzero_shape(array, n)
     return {
         "case": CaseFingerprint(
-            case_id=case.case_id, shape=image.shape, spacing=image.spacing,
+            case_id=case.case_id, shape=tuple(image.shape[a] for a in order), spacing=tuple(image.spacing[a] for a in order),
             orientation=orientation_code(image.direction), num_channels=array.shape[0],
-            nonzero_shape=_nonzero_shape(array, n),
+            nonzero_shape=tuple(nonzero[a] for a in order),
         ),
         "samples": samples,
         "integer": [bool(np.issubdtype(array.dtype, np.integer)) for _ in range(array.shape[0])],

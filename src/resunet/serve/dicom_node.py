@@ -14,6 +14,12 @@ each ``send_attempts`` times with a doubling delay. Sent everywhere: the SEG and
 deleted. Not sent: the SEG stays in ``outbox/`` (resend it with ``storescu -R`` or a STOW-RS
 client) and the error is logged. A series that cannot be
 segmented goes to ``failed/`` with ``error.txt``; the node keeps serving in every case.
+
+Memory: the instances of a series may declare at most ``max_voxels`` voxels together (Rows x
+Columns x frames; beyond, C-STORE answers 0xA700 and the series fails); before a complete series is
+assembled, its headers are read again (``stop_before_pixels``) and its estimated memory must fit
+``max_memory_gb`` (`resunet.infer.memory.Admission`), or it goes to ``failed/`` unread. Deflated
+transfer syntax is not accepted (a small deflated dataset can inflate to gigabytes).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resunet.data.limits import DEFAULT_MAX_VOXELS, dicom_instance_voxels
 from resunet.errors import ConfigError, ResunetError
+from resunet.infer.memory import GIB, Admission
 from resunet.infer.predictor import Predictor
 from resunet.serve.dicom_spool import CompleteSeries, InvalidInstance, SeriesTooLarge, Spool, check_uid
 
@@ -46,6 +54,9 @@ STORAGE_CLASSES = (
 _VERIFICATION = "1.2.840.10008.1.1"
 _SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+#: uncompressed transfer syntaxes only: Implicit / Explicit VR Little Endian, Explicit VR Big Endian
+_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 # C-STORE statuses (PS3.4 B.2.3)
 _SUCCESS, _OUT_OF_RESOURCES, _CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
@@ -96,6 +107,8 @@ class DicomNodeConfig:
     send_attempts: int = 3
     retry_delay: float = 1.0  # seconds before the 2nd try, doubled for each further one
     poll_interval: float = 0.0  # 0: a quarter of series_timeout, at most 0.25 s
+    max_voxels: int = DEFAULT_MAX_VOXELS  # voxels x channels a series may declare
+    max_memory_gb: float | None = None  # GiB for the whole process; None: half of the physical RAM
     dicomweb: str | None = None  # DICOMweb root URL the SEGs are STOW-RS'd to (--dest-dicomweb)
 
     def __post_init__(self) -> None:
@@ -117,6 +130,10 @@ class DicomNodeConfig:
             raise ConfigError(f"--series-timeout must be positive (seconds), got {self.series_timeout}")
         if self.max_series_instances < 1:
             raise ConfigError(f"--max-series-instances must be at least 1, got {self.max_series_instances}")
+        if self.max_voxels < 1:
+            raise ConfigError(f"--max-voxels must be at least 1, got {self.max_voxels}")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ConfigError(f"--max-memory-gb must be positive, got {self.max_memory_gb}")
         if self.send_attempts < 1 or self.retry_delay < 0:
             raise ConfigError("send_attempts must be >= 1 and retry_delay >= 0")
         if not self.poll_interval:
@@ -195,7 +212,10 @@ class DicomNode:
                 "segments one series at a time and needs a single-channel model"
             )
         self.predictor, self.config = predictor, config
-        self.spool = Spool(config.spool, config.series_timeout, config.max_series_instances)
+        memory = None if config.max_memory_gb is None else int(config.max_memory_gb * GIB)
+        self.admission = Admission(predictor, config.max_voxels, memory, wait_s=0.0)
+        self.spool = Spool(config.spool, config.series_timeout, config.max_series_instances,
+                           max_series_voxels=config.max_voxels)
         self._stop = threading.Event()
         self._server: Any = None
         self._worker: threading.Thread | None = None
@@ -214,8 +234,9 @@ class DicomNode:
             raise ConfigError(f"cannot use --spool {self.config.spool}: {exc}; pass a folder you can write") from None
         ae = AE(ae_title=self.config.ae_title)
         ae.require_calling_aet = list(self.config.allowed_aets)
-        for uid in (*STORAGE_CLASSES, _VERIFICATION):
-            ae.add_supported_context(uid)
+        for uid in STORAGE_CLASSES:
+            ae.add_supported_context(uid, list(_TRANSFER_SYNTAXES))
+        ae.add_supported_context(_VERIFICATION)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_released),
                     (evt.EVT_ABORTED, self._on_aborted)]
         try:
@@ -256,7 +277,8 @@ class DicomNode:
             study = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             sop = check_uid(ds.get("SOPInstanceUID") or event.request.AffectedSOPInstanceUID, "SOPInstanceUID")
-            self.spool.store(event.assoc, study, series, sop, event.encoded_dataset(include_meta=True))
+            self.spool.store(event.assoc, study, series, sop, event.encoded_dataset(include_meta=True),
+                             voxels=dicom_instance_voxels(ds))
         except InvalidInstance as exc:
             log.warning("refused an instance from %s: %s", _peer(event), exc)
             return _CANNOT_UNDERSTAND
@@ -300,9 +322,10 @@ class DicomNode:
         try:
             if series.error:
                 raise ResunetError(series.error)
+            self.admission.need([series.folder], f"series {series.series_uid}")  # headers only
             image = read_dicom_series(series.folder)
             mask = self.predictor.predict([image])
-            seg = write_mask(mask, image, self.predictor.labels, self.spool.outbox_path(series), dicom_seg=True)
+            seg = write_mask(mask, image, self.predictor.labels, self.spool.outbox_path(series), dicom_format="seg")
         except Exception as exc:
             detail = str(exc) if isinstance(exc, ResunetError) else traceback.format_exc()
             folder = self.spool.fail(series, f"{type(exc).__name__}: {detail}")

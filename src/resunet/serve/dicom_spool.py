@@ -48,7 +48,8 @@ class InvalidInstance(ValueError):
 
 
 class SeriesTooLarge(RuntimeError):
-    """A series already holds ``max_series_instances`` instances."""
+    """A series already holds ``max_series_instances`` instances, or its instances declare more
+    than ``max_series_voxels`` voxels x channels together."""
 
 
 def check_uid(value: object, what: str) -> str:
@@ -90,7 +91,9 @@ class _Series:
     instances: set[str] = field(default_factory=set)
     associations: set[Hashable] = field(default_factory=set)  # open ones that delivered to it
     last: float = 0.0
-    refused: int = 0  # instances refused by the size limit
+    refused: int = 0  # instances refused by the size limits
+    voxels: dict[str, int] = field(default_factory=dict)  # declared voxels x channels per SOP instance
+    too_many_voxels: bool = False
 
 
 class Spool:
@@ -98,11 +101,12 @@ class Spool:
 
     def __init__(
         self, root: str | os.PathLike[str], series_timeout: float, max_series_instances: int,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, max_series_voxels: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.series_timeout = float(series_timeout)
         self.max_series_instances = int(max_series_instances)
+        self.max_series_voxels = max_series_voxels
         self._clock = clock
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], _Series] = {}
@@ -133,8 +137,13 @@ class Spool:
 
     # ----------------------------------------------------------------------- receiving
 
-    def store(self, association: Hashable, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """File one instance atomically (overwriting a duplicate); raises `SeriesTooLarge` or `OSError`."""
+    def store(self, association: Hashable, study_uid: str, series_uid: str, sop_uid: str, data: bytes,
+              voxels: int = 0) -> Path:
+        """File one instance atomically (overwriting a duplicate); raises `SeriesTooLarge` or `OSError`.
+
+        ``voxels``: what the instance's header declares (Rows x Columns x frames x samples); the
+        series' sum must stay within ``max_series_voxels``.
+        """
         key = (study_uid, series_uid)
         with self._lock:
             series = self._series.get(key)
@@ -149,6 +158,15 @@ class Spool:
                     f"series {series_uid} already holds {self.max_series_instances} instances; "
                     "raise --max-series-instances to accept larger series"
                 )
+            declared = sum(series.voxels.values()) - series.voxels.get(sop_uid, 0) + int(voxels)
+            if self.max_series_voxels is not None and declared > self.max_series_voxels:
+                series.refused += 1
+                series.too_many_voxels = True
+                raise SeriesTooLarge(
+                    f"series {series_uid} would declare {declared} voxels (Rows x Columns x frames summed over "
+                    f"its instances), over the limit of {self.max_series_voxels}; raise --max-voxels to accept it"
+                )
+            series.voxels[sop_uid] = int(voxels)
             target = series.folder / f"{sop_uid}.dcm"
         # Safe outside the lock: the series cannot complete while this association is open.
         with atomic_write(target) as tmp:
@@ -206,7 +224,11 @@ class Spool:
                     continue
                 folder = self._move(series.folder, "processing", study, series_uid)
                 error = None
-                if series.refused:
+                if series.too_many_voxels:
+                    error = (f"series {series_uid} declares more than {self.max_series_voxels} voxels (Rows x "
+                             f"Columns x frames summed; {series.refused} instance(s) refused), so it was not "
+                             "assembled; raise --max-voxels (and --max-memory-gb) and send it again")
+                elif series.refused:
                     error = (f"series {series_uid} has more than {self.max_series_instances} instances "
                              f"({series.refused} refused); raise --max-series-instances and send it again")
                 done.append(CompleteSeries(folder, study, series_uid, len(series.instances), error))

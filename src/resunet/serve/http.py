@@ -26,9 +26,17 @@ Endpoints
 Errors are JSON ``{"detail": reason}``: 400 bad payload (unknown/garbled format, empty file,
 wrong content type, wrong channel count), 401 missing/wrong bearer token (when a token is set;
 ``/health`` stays open), 413 upload over ``max_upload_mb`` (declared Content-Length checked up
-front, streamed bytes counted, so a chunked or lying client is cut off too), 503 + ``Retry-After``
-when the queue is full or the server shuts down, 500 (generic message, traceback in the log) when
+front, streamed bytes counted, so a chunked or lying client is cut off too), 413 image whose
+header declares more than ``max_voxels`` voxels x channels or whose estimated memory is over the
+whole budget, 503 + ``Retry-After`` when the queue is full, when the memory budget stays busy for
+``memory_wait_s`` or the server shuts down, 500 (generic message, traceback in the log) when
 the model fails unexpectedly -- the server keeps serving.
+
+Memory (`resunet.infer.memory`): before an upload is decoded its header is read and the request
+reserves the bytes decoding and predicting it will allocate from one budget for the whole server
+(``max_memory_gb``, default half of the physical RAM); the reservation is released when the
+request is answered. A ``.nii.gz`` is never inflated beyond what its header declares
+(`resunet.data.limits`).
 
 Uploads are streamed into a private temporary folder (mode 0700) that is removed after the request
 whatever happens. Reading the upload and encoding the mask run in worker threads; the model runs
@@ -60,9 +68,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from resunet.data.limits import DEFAULT_MAX_VOXELS, TooLarge
 from resunet.data.volume import Volume
 from resunet.errors import ConfigError, ResunetError
 from resunet.serve.batching import BatchResult, DynamicBatcher, QueueFull, Stopped
+from resunet.infer.memory import GIB, Admission, BudgetTimeout, OverBudget
 
 __all__ = ["ServerMetrics", "create_app", "run_http_server"]
 
@@ -72,7 +82,6 @@ log = logging.getLogger("resunet.serve.http")
 FORMATS = {".nii.gz": "application/gzip", ".nii": "application/octet-stream", ".png": "image/png"}
 SEGMENT_PATH = "/v1/segment"
 LATENCY_WINDOW = 10_000  # latencies kept for the percentiles
-MAX_VOXELS = 2**30  # decoded voxels x channels accepted per upload (a 4 GiB float32 image)
 FIELD_LIMIT = 2**20  # bytes of one text field of a multipart form (extensions' parameters)
 
 
@@ -318,7 +327,7 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
     is 3 channels, a grey PNG 1, a 4-D NIfTI its last axis.
     """
     from resunet.data.channels import check_channels, split_channels
-    from resunet.data.io import read_header, read_volume
+    from resunet.data.io import read_volume
 
     if path.stat().st_size == 0:
         raise _Reject(400, f"{filename} is empty (0 bytes); send the image file itself")
@@ -327,11 +336,7 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
         return str(err).replace(str(path), filename)
 
     try:
-        header = read_header(path)
-        voxels = int(np.prod(header.shape)) * int(header.num_channels)
-        if voxels > MAX_VOXELS:
-            raise _Reject(413, f"{filename} holds {voxels} voxels, more than the {MAX_VOXELS} this server takes")
-        volume = read_volume(path)
+        volume = read_volume(path)  # its header was checked by _reservation first
     except ResunetError as err:
         raise _Reject(400, client_message(err)) from None
     except _Reject:
@@ -351,15 +356,39 @@ def _read_case(path: Path, filename: str, channels: int, mode: str) -> list[Volu
     return split_channels(volume)
 
 
-async def _predict(batcher: DynamicBatcher, case: list[Volume], filename: str) -> BatchResult[Volume]:
-    """Queue ``case`` (its channel images) for the batch worker and wait for its mask; `_Reject`
-    503 when the queue is full or the server stops, 400 for the case's own problem."""
+def _reservation(admission: Admission, path: Path, filename: str) -> int:
+    """Bytes the upload must reserve (from its header only); 413 over a limit, 400 unreadable."""
+    if path.stat().st_size == 0:
+        raise _Reject(400, f"{filename} is empty (0 bytes); send the image file itself")
+    try:
+        return admission.need([path], filename)
+    except (TooLarge, OverBudget) as err:
+        raise _Reject(413, str(err).replace(str(path), filename)) from None
+    except ResunetError as err:
+        raise _Reject(400, str(err).replace(str(path), filename)) from None
+    except Exception as err:  # a header reader failing in a way it does not classify
+        raise _Reject(400, f"cannot read the header of {filename}: {type(err).__name__}: "
+                           f"{str(err).replace(str(path), filename)}") from None
+
+
+def _admission(predictor: Any, max_voxels: int, max_memory_gb: float | None, memory_wait_s: float) -> Admission:
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise ConfigError(f"--max-memory-gb must be positive, got {max_memory_gb}")
+    return Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB), memory_wait_s)
+
+
+async def _predict(batcher: DynamicBatcher, case: list[Volume], filename: str,
+                   queued: Callable[[Any], None]) -> BatchResult[Volume]:
+    """Queue ``case`` (its channel images) for the batch worker, call ``queued(future)`` and wait
+    for its mask; `_Reject` 503 when the queue is full or the server stops, 400 for the case's own
+    problem."""
     try:
         future = batcher.submit(case)
     except QueueFull:
         raise _Reject(503, "the server is busy (request queue full); retry shortly", {"Retry-After": "1"}) from None
     except Stopped:
         raise _Reject(503, "the server is shutting down; retry on another instance", {"Retry-After": "5"}) from None
+    queued(future)
     try:
         return await asyncio.wrap_future(future)
     except Stopped:
@@ -400,17 +429,23 @@ def create_app(
     max_upload_mb: float = 512.0,
     token: str | None = None,
     upload_dir: str | os.PathLike[str] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_memory_gb: float | None = None,
+    memory_wait_s: float = 5.0,
     routes: Sequence[Callable[[Any], None]] = (),
 ) -> Any:
-    """The FastAPI app serving ``predictor`` (anything with ``predict_many``, ``labels``,
-    ``num_input_channels``, ``mode`` and optionally ``describe``).
+    """The FastAPI app serving ``predictor`` (a `Predictor`, or anything with its ``predict_many``,
+    ``labels``, ``num_input_channels``, ``mode``, ``model``, ``preprocess`` and batching attributes).
 
     The batch worker starts and stops with the app's lifespan. ``upload_dir`` is where the private
-    per-request folders are made (default: the system temporary folder). ``app.state.batcher``
-    and ``app.state.metrics`` are exposed for tests and embedding. Each of ``routes`` is called
-    with the finished app to add more endpoints (e.g. `resunet.serve.monai_label.monai_label_routes`);
-    they find the batcher, ``authorised(request)``, ``upload_limit`` (bytes) and ``upload_dir``
-    in ``app.state``.
+    per-request folders are made (default: the system temporary folder). ``max_voxels`` (voxels x
+    channels an upload may declare), ``max_memory_gb`` (GiB for the whole process, default half
+    of the physical RAM) and ``memory_wait_s`` (seconds a request waits for memory before 503):
+    see `resunet.infer.memory`. ``app.state.batcher``, ``app.state.metrics`` and
+    ``app.state.admission`` are exposed for tests and embedding. Each of ``routes`` is called with
+    the finished app to add endpoints (`resunet.serve.monai_label.monai_label_routes`); they find
+    ``authorised(request)``, ``segment_file`` (the upload path: memory, decoding, batch worker),
+    ``check_upload``, ``upload_limit`` (bytes) and ``upload_dir`` in ``app.state``.
     """
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
@@ -424,6 +459,8 @@ def create_app(
         raise ConfigError("the token is empty; pass a non-empty --token / RESUNET_TOKEN or none at all")
     if upload_dir is not None and not Path(upload_dir).is_dir():
         raise ConfigError(f"upload folder {upload_dir} does not exist; create it first")
+    admission = _admission(predictor, max_voxels, max_memory_gb, memory_wait_s)
+    retry_after = str(max(1, round(memory_wait_s)))
     limit = int(max_upload_mb * 2**20)
     channels, mode = int(predictor.num_input_channels), str(getattr(predictor, "mode", "2d"))
     metrics = ServerMetrics()
@@ -448,6 +485,7 @@ def create_app(
     app = FastAPI(title="resunet", summary="Segment NIfTI / PNG images with a trained resunet model",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.metrics, app.state.predictor = batcher, metrics, predictor
+    app.state.admission = admission
     app.state.upload_limit, app.state.upload_dir = limit, upload_dir
     app.add_middleware(_SegmentMetrics, metrics=metrics)
 
@@ -485,6 +523,7 @@ def create_app(
             "how": "multipart/form-data field 'file', or application/octet-stream with ?filename=NAME",
         }
         info["batching"] = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size}
+        info["memory"] = admission.describe()
         return JSONResponse(info)
 
     @app.get("/metrics")
@@ -493,7 +532,27 @@ def create_app(
             return unauthorised()
         snap = metrics.snapshot()
         snap["queue"] = {"depth": batcher.depth, "size": queue_size, "worker_busy": batcher.busy}
+        snap["memory"] = admission.budget.snapshot()
         return JSONResponse(snap)
+
+    async def segment_file(path: Path, filename: str, encode: Callable[[Volume], bytes],
+                           keep: bool = False) -> tuple[bytes, int]:
+        """Reserve the memory of the image file ``path`` (from its header), decode it, run it through
+        the batch worker and ``encode`` its mask, all within the reservation; (encoded mask, batch
+        size). ``path`` is deleted once decoded unless ``keep``. `_Reject` for every failure a
+        client causes (503 when the memory budget stays busy)."""
+        need = await run_in_threadpool(_reservation, admission, path, filename)
+        try:
+            async with admission.budget.reserve_async(need, admission.wait_s) as held:
+                case = await run_in_threadpool(_read_case, path, filename, channels, mode)
+                if not keep:
+                    path.unlink()  # the decoded case is in memory; free the disk early
+                # the batch may outlive the handler (client gone): the reservation lasts until it ends
+                result = await _predict(batcher, case, filename, held.keep_until)
+                return await run_in_threadpool(encode, result.value), result.batch_size
+        except BudgetTimeout as err:
+            raise _Reject(503, f"the server's memory budget is busy: {filename} {err}; retry shortly",
+                          {"Retry-After": retry_after}) from None
 
     @app.post(SEGMENT_PATH)
     async def segment(request: Request) -> Response:
@@ -504,13 +563,10 @@ def create_app(
             os.chmod(folder, 0o700)
             filename, path = await _receive_upload(request, folder, limit)
             suffix = _suffix(filename)
-            case = await run_in_threadpool(_read_case, path, filename, channels, mode)
-            path.unlink()  # the decoded case is in memory; free the disk early
-            result = await _predict(batcher, case, filename)
-            body = await run_in_threadpool(_encode_mask, result.value, folder, suffix)
+            body, batch_size = await segment_file(path, filename, lambda mask: _encode_mask(mask, folder, suffix))
             return Response(body, media_type=FORMATS[suffix], headers={
                 "Content-Disposition": f'attachment; filename="{_mask_name(filename, suffix)}"',
-                "X-Resunet-Batch-Size": str(result.batch_size),
+                "X-Resunet-Batch-Size": str(batch_size),
             })
         except _Reject as r:
             return error(r.status, r.detail, r.headers)
@@ -523,7 +579,8 @@ def create_app(
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    app.state.authorised = authorised
+    app.state.authorised, app.state.segment_file = authorised, segment_file
+    app.state.check_upload = lambda path, filename: _reservation(admission, path, filename)
     for add_routes in routes:
         add_routes(app)
     return app

@@ -2,8 +2,9 @@
 ``monailabel.client.MONAILabelClient``.
 
 The model appears as ONE MONAI Label model of type ``segmentation`` (`model_name`: the model
-file's name, ``runs/liver/best.pt`` -> ``liver``). Endpoints (same token, upload limit, queue and
-batch worker as ``/v1/segment``; errors are JSON ``{"detail": reason}``):
+file's name, ``runs/liver/best.pt`` -> ``liver``). Endpoints (same token, upload limit, memory
+budget, queue and batch worker as ``/v1/segment``: an image is segmented by the app's
+``segment_file``; errors are JSON ``{"detail": reason}``):
 
 ``GET /info/``
     ``name``, ``description``, ``version``, ``labels`` (names, background left out), ``models``
@@ -14,8 +15,9 @@ batch worker as ``/v1/segment``; errors are JSON ``{"detail": reason}``):
     ``stats`` (default): ``{"total", "completed", "label_tags"}``.
 ``PUT /datastore/?image=ID`` (also ``PUT /datastore/image``)
     Multipart form: ``file`` (the image: ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` or ``.png``),
-    optional ``params`` (JSON string, ignored). The image is checked like an inference input, then
-    stored as ``DIR/ID<ext>`` (atomically; an image of the same ID is replaced). Answers
+    optional ``params`` (JSON string, ignored). The image's header is checked (readable, within
+    ``--max-voxels`` and the memory budget), then the file is stored as ``DIR/ID<ext>``
+    (atomically; an image of the same ID is replaced). Answers
     ``{"image": ID}``. ID defaults to the file name without its extension.
 ``GET /datastore/image?image=ID``  the stored image file.
 ``POST /infer/{model}?image=ID&output=image|json|all``
@@ -51,7 +53,7 @@ from starlette.requests import ClientDisconnect
 
 from resunet.data.io import atomic_write
 from resunet.errors import ConfigError, InputError
-from resunet.serve.http import FIELD_LIMIT, _predict, _read_case, _receive_upload, _Reject, log
+from resunet.serve.http import FIELD_LIMIT, _receive_upload, _Reject, log
 
 __all__ = ["FolderDatastore", "UnknownImage", "model_name", "monai_label_routes"]
 
@@ -242,12 +244,14 @@ def _safe_name(image_id: str) -> str:
 
 
 class _MonaiLabel:
-    """The routes' shared state: the app's batcher, predictor, limits and the datastore."""
+    """The routes' shared state: the app's upload path (memory budget, decoding, batch worker: the
+    one ``/v1/segment`` uses), token check, limits, and the datastore."""
 
     def __init__(self, app: FastAPI, datastore: FolderDatastore) -> None:
         state = app.state
-        self.datastore, self.batcher, self.predictor = datastore, state.batcher, state.predictor
-        self.limit, self.upload_dir, self.authorised = state.upload_limit, state.upload_dir, state.authorised
+        self.datastore, self.predictor, self.authorised = datastore, state.predictor, state.authorised
+        self.segment_file, self.check_upload = state.segment_file, state.check_upload
+        self.limit, self.upload_dir = state.upload_limit, state.upload_dir
         self.name = model_name(self.predictor)
         self.channels = int(self.predictor.num_input_channels)
         self.mode = str(getattr(self.predictor, "mode", "2d"))
@@ -299,7 +303,7 @@ class _MonaiLabel:
         base = Path(filename.replace("\\", "/")).name
         image_id = request.query_params.get("image") or (_split(base) or (base, ""))[0]
         FolderDatastore.check_id(image_id)
-        await run_in_threadpool(_read_case, path, base, self.channels, self.mode)  # refuse what cannot be segmented
+        await run_in_threadpool(self.check_upload, path, base)  # its header: readable, within the limits
         await run_in_threadpool(self.datastore.add, image_id, path, image_suffix(filename))
         log.info("datastore: image %s stored (%s)", image_id, base)
         return JSONResponse({"image": image_id})
@@ -321,17 +325,13 @@ class _MonaiLabel:
             path = await run_in_threadpool(self.datastore.path, image_id)
             filename = path.name
         suffix = _result_suffix(params, filename)
-        case = await run_in_threadpool(_read_case, path, filename, self.channels, self.mode)
-        read = time.perf_counter()
-        result = await _predict(self.batcher, case, filename)
-        done = time.perf_counter()
         base = Path(filename.replace("\\", "/")).name
         name = f"{_safe_name(image_id or (_split(base) or (base, ''))[0])}_label{suffix}"
-        body = await run_in_threadpool(self._encode, result.value, folder / name, params.get("result_dtype"))
-        answer = {"label_names": _label_names(self.predictor), "batch_size": result.batch_size,
-                  "latencies": {"pre": round(read - start, 4), "infer": round(done - read, 4),
-                                "post": round(time.perf_counter() - done, 4),
-                                "total": round(time.perf_counter() - start, 4)}}
+        dtype = params.get("result_dtype")
+        body, batch_size = await self.segment_file(path, filename, lambda mask: self._encode(mask, folder / name, dtype),
+                                                   keep=True)  # a datastore image stays
+        answer = {"label_names": _label_names(self.predictor), "batch_size": batch_size,
+                  "latencies": {"total": round(time.perf_counter() - start, 4)}}
         if output == "json":
             return JSONResponse(answer)
         if output == "image":
