@@ -224,6 +224,16 @@ def test_bad_requests_get_a_reason_and_nothing_is_stored(files, predictor, tmp_p
     assert not (tmp_path / "escape.nrrd").exists()
 
 
+def test_uploads_and_inference_keep_the_servers_voxel_limit(files, predictor, tmp_path):
+    """--max-voxels (the memory admission of /v1/segment) refuses the 2 880-voxel CT on both routes."""
+    with running(create_app(predictor, max_voxels=1000, routes=[monai_label_routes(tmp_path)])) as url:
+        refused = {"infer": infer(url, file=files["ct"]), "upload": put_image(url, files["ct"])}
+        segment = httpx.post(f"{url}/v1/segment", files={"file": ("ct.nii.gz", files["ct"].read_bytes())})
+    assert {k: r.status_code for k, r in refused.items()} == {"infer": 413, "upload": 413}
+    assert all("--max-voxels" in r.json()["detail"] for r in refused.values())
+    assert segment.status_code == 413 and list(tmp_path.iterdir()) == []
+
+
 def test_folder_datastore_and_model_name(tmp_path):
     (tmp_path / "a.nii.gz").write_bytes(b"x")
     (tmp_path / ".a.nii.gz.123.tmp.nii.gz").write_bytes(b"half")  # an upload being written
