@@ -196,7 +196,7 @@ def predict_dicomweb(
                 admission.need([tmp], f"series {ref.series_uid}")  # headers only: refuse before decoding
                 image = read_dicom_series(tmp)
                 mask = predictor.predict([image])
-                written.append(write_mask(mask, image, predictor.labels, target, dicom_format=dicom_format))
+                written.append(write_mask(mask, target, labels=predictor.labels, source=image, dicom_format=dicom_format))
         except ResunetError as err:
             failed[ref.series_uid] = str(err)
             continue

@@ -57,13 +57,17 @@ def mask_as(mask: Volume, dtype: str) -> Volume:
     return mask.with_array(array.astype(kind, copy=False))
 
 
-def write_mask(mask: Volume, source: Volume, labels: dict[str, int], target: Path, *,
+def write_mask(mask: Volume, target: Path, *, labels: dict[str, int] | None = None, source: Volume | None = None,
                dicom_format: str | None = None, png_visible: bool = False, dtype: str | None = None) -> Path:
     """Write a predicted label map the way every front end does: for a DICOM ``source`` series a
-    DICOM SEG (``dicom_format="seg"``) or an RT Structure Set (``"rtstruct"``) referencing it, else
+    DICOM SEG (``dicom_format="seg"``) or an RT Structure Set (``"rtstruct"``) referencing it (both
+    need ``labels``, name -> value), else
     ``target``'s format (NIfTI, NRRD, PNG, ...) in ``mask``'s geometry; ``png_visible`` spreads PNG
     labels over 0..255; ``dtype`` (`mask_as`) sets the voxel type of an image file (default: the
     mask's own, uint8). Atomic; returns ``target``."""
+    labels = labels or {}
+    if dicom_format is not None and source is None:
+        raise ConfigError(f"--dicom-format {dicom_format} needs the DICOM series the mask was predicted from")
     if dicom_format == "seg":
         from resunet.data.dicom_seg import write_dicom_seg
 
@@ -189,14 +193,14 @@ def predict_inputs(
             current, ahead = ahead, pool.submit(load, cases[i + 1]) if i + 1 < len(cases) else None
             try:
                 images, prepared = current.result()
-                target = targets(case)[0]
+                target, *probabilities_target = targets(case)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if save_probabilities:
                     mask, probs = predictor.predict_prepared_with_probabilities(prepared, images[0])
-                    written.append(write_probabilities(probs, images[0], predictor.labels, targets(case)[1]))
+                    written.append(write_probabilities(probs, images[0], predictor.labels, probabilities_target[0]))
                 else:
                     mask = predictor.predict_prepared(prepared, images[0])
-                written.append(write_mask(mask, images[0], predictor.labels, target,
+                written.append(write_mask(mask, target, labels=predictor.labels, source=images[0],
                                           dicom_format=dicom_format if case.kind == "dicom" else None,
                                           png_visible=png_visible))
             except ResunetError as err:

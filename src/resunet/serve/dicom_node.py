@@ -325,7 +325,8 @@ class DicomNode:
             self.admission.need([series.folder], f"series {series.series_uid}")  # headers only
             image = read_dicom_series(series.folder)
             mask = self.predictor.predict([image])
-            seg = write_mask(mask, image, self.predictor.labels, self.spool.outbox_path(series), dicom_format="seg")
+            seg = write_mask(mask, self.spool.outbox_path(series), labels=self.predictor.labels, source=image,
+                             dicom_format="seg")
         except Exception as exc:
             detail = str(exc) if isinstance(exc, ResunetError) else traceback.format_exc()
             folder = self.spool.fail(series, f"{type(exc).__name__}: {detail}")

@@ -400,7 +400,7 @@ async def _predict(batcher: DynamicBatcher, case: list[Volume], filename: str,
 def _encode_mask(mask: Volume, folder: Path, suffix: str) -> bytes:
     from resunet.infer.run import write_mask
 
-    return write_mask(mask, mask, {}, folder / f"mask{suffix}").read_bytes()
+    return write_mask(mask, folder / f"mask{suffix}").read_bytes()
 
 
 def _mask_name(filename: str, suffix: str) -> str:

@@ -344,7 +344,7 @@ class _MonaiLabel:
     def _encode(self, mask: Any, target: Path, dtype: Any) -> bytes:
         from resunet.infer.run import write_mask
 
-        written = write_mask(mask, mask, self.predictor.labels, target, dtype=None if dtype is None else str(dtype))
+        written = write_mask(mask, target, labels=self.predictor.labels, dtype=None if dtype is None else str(dtype))
         return written.read_bytes()
 
 
