@@ -4,6 +4,9 @@ Encoder level ``i`` has ``base_channels * 2**i`` channels (default 64-128-256-51
 joined by 2x max-pooling. Each decoder level up-samples with a transposed convolution, fuses the
 up-sampled tensor with the encoder skip of the same level, and applies one block. A 1x1 convolution
 maps to ``out_channels`` logits (no activation: losses, metrics and the predictor apply it).
+
+``modality_fusion="late"`` replaces the shared encoder by one branch per modality, fused per
+level (`resunet.nets.fusion.LateFusionEncoder`); the decoder is the same.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 
 from resunet.errors import ModelError
 from resunet.nets.blocks import conv, max_pool, up_conv
+from resunet.nets.fusion import LateFusionEncoder, check_modalities
 
 BlockFactory = Callable[[int, int, int], nn.Module]  # (spatial_dims, in_ch, out_ch) -> block
 FusionFactory = Callable[[int, int], nn.Module]  # (spatial_dims, channels of one side) -> fusion
@@ -36,6 +40,10 @@ class EncoderDecoder(nn.Module):
     Subclasses choose the ``block`` (used at every level) and the skip ``fusion``. Every spatial
     size in ``S`` must be divisible by ``2**(depth-1)``; other sizes raise a `ModelError` naming
     the size to pad to (the predictor pads; the model never crops).
+
+    ``modalities``: how many modalities the ``in_channels`` hold (each ``in_channels / modalities``
+    channels: its 2.5-D slices); ``modality_fusion``: ``"early"`` (one encoder over all channels)
+    or ``"late"`` (one encoder branch per modality, see `resunet.nets.fusion`).
     """
 
     block: BlockFactory
@@ -48,21 +56,28 @@ class EncoderDecoder(nn.Module):
         out_channels: int = 1,
         base_channels: int = 64,
         depth: int = 5,
+        modalities: int = 1,
+        modality_fusion: str = "early",
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ModelError(f"depth must be at least 2, got {depth}")
         if base_channels < 1 or in_channels < 1 or out_channels < 1:
             raise ModelError("base_channels, in_channels and out_channels must be positive")
+        check_modalities(in_channels, modalities, modality_fusion)
+        self.modalities, self.modality_fusion = modalities, modality_fusion
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.depth = depth
         self.base_channels = base_channels
         widths = [base_channels * 2**i for i in range(depth)]
-        self.encoders = nn.ModuleList(
-            [self.block(spatial_dims, in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth)]
-        )
+        if modality_fusion == "late":
+            self.encoders: nn.Module = LateFusionEncoder(self.block, spatial_dims, in_channels, modalities, widths)
+        else:
+            self.encoders = nn.ModuleList(
+                [self.block(spatial_dims, in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth)]
+            )
         self.pool = max_pool(spatial_dims)
         self.ups = nn.ModuleList([up_conv(spatial_dims, widths[i + 1], widths[i]) for i in range(depth - 1)])
         self.fusions = nn.ModuleList([self.fusion(spatial_dims, widths[i]) for i in range(depth - 1)])
@@ -90,17 +105,25 @@ class EncoderDecoder(nn.Module):
                 f"spatial size {size} is not divisible by {d} (= 2**(depth-1)); pad the input to {padded}"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder features of every level, finest first: ``(B, base_channels * 2**i, *S / 2**i)``."""
+        if isinstance(self.encoders, LateFusionEncoder):
+            return self.encoders(x)
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x if i == 0 else self.pool(x))
             skips.append(x)
+        return skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        skips = self.encode(x)
         x = skips.pop()
         for i in reversed(range(self.depth - 1)):
             x = self.decoders[i](self.fusions[i](skips[i], self.ups[i](x)))
         return self.head(x)
 
     def encoder_parameters(self):
-        """Parameters of the encoder path (for freezing during transfer learning)."""
+        """Parameters of the encoder path, per-modality branches and their fusion included (for
+        freezing during transfer learning)."""
         return self.encoders.parameters()
