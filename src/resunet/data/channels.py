@@ -38,6 +38,7 @@ __all__ = [
     "describe_channels",
     "file_channels",
     "group_case_files",
+    "missing_channels",
     "read_case",
     "split_channels",
 ]
@@ -128,6 +129,25 @@ def split_channels(volume: Volume) -> list[Volume]:
     return [replace(volume, array=np.ascontiguousarray(array[c]), meta=dict(meta)) for c in range(array.shape[0])]
 
 
+def missing_channels(paths: Sequence[str | os.PathLike[str]], needed: int) -> list[int]:
+    """Channel indices ``0 .. needed - 1`` that no ``CASE_XXXX`` file of ``paths`` holds (each file
+    one channel, numbered by its name); ``[]`` for a case in one file or a complete one."""
+    numbers = []
+    for p in paths:
+        m = CHANNEL_FILE.match(_stem(Path(p)))
+        if m is None:
+            return []
+        numbers.append(int(m["channel"]))
+    if len(numbers) >= needed:
+        return []
+    return [c for c in range(needed) if c not in set(numbers)]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
 def read_case(
     paths: Sequence[str | os.PathLike[str]],
     needed: int | None = None,
@@ -150,6 +170,7 @@ def group_case_files(
     files: Sequence[tuple[str, Path]],
     needed: int,
     counts: Callable[[Path], int] = file_channels,
+    partial: bool = False,
 ) -> tuple[list[tuple[str, list[Path]]], list[str]]:
     """Group the image files of a folder into cases for a model needing ``needed`` channels.
 
@@ -157,8 +178,11 @@ def group_case_files(
     ``X_0000``, ``X_0001``, ... form case ``X`` when their channels add up to ``needed``; a file
     that holds ``needed`` channels by itself (e.g. RGB pictures named ``frame_0001.png`` for a
     3-channel model) is its own case, named by its full stem; any other file is its own case.
-    Headers are read (``counts``) only where the names alone cannot decide. Returns
-    ``[(case_id, paths)]`` in name order and the problems (one line each) of files that fit no case.
+    Headers are read (``counts``) only where the names alone cannot decide. ``partial``: channel
+    files ``X_0000`` .. of single-channel files that are SOME of the channels ``0 .. needed - 1``
+    form case ``X`` too (a case missing a modality; `missing_channels` names the absent ones).
+    Returns ``[(case_id, paths)]`` in name order and the problems (one line each) of files that fit
+    no case.
     """
     groups: dict[str, dict[int, Path]] = {}
     singles: list[tuple[str, Path]] = []
@@ -184,6 +208,8 @@ def group_case_files(
             problems.append(f"{case}: {err}")
             continue
         if contiguous and sum(held) == needed:
+            cases.append((case, paths))
+        elif partial and order[-1] < needed and all(h == 1 for h in held):
             cases.append((case, paths))
         elif all(h == needed for h in held):
             cases.extend((stems[p], [p]) for p in paths)

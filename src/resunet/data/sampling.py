@@ -296,7 +296,9 @@ class PatchSampler:
         channels = {c.image.shape[0] for c in self._cases}
         if len(channels) != 1:
             raise InputError(f"cases have different channel counts: {sorted(channels)}")
-        self.in_channels = channels.pop() * (2 * self.context + 1 if self.mode == "2d" else 1)
+        #: image channels (modalities) of a case; a batch has ``in_channels``, modality-major
+        self.modalities = channels.pop()
+        self.in_channels = self.modalities * (2 * self.context + 1 if self.mode == "2d" else 1)
 
     def _wrap(self, case: Any, i: int) -> _SamplerCase:
         if isinstance(case, tuple):

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from resunet.data.missing import preprocess_missing
 from resunet.data.preprocess import PreprocessedCase, preprocess_case, restore_original_geometry
 from resunet.data.sampling import stack_context
 from resunet.data.volume import Volume
@@ -188,9 +189,9 @@ class Predictor:
             probs = np.concatenate([1.0 - probs, probs])
         return self.finish(logits, case, template), probs
 
-    def predict(self, images: Sequence[Volume]) -> Volume:
-        """Label map (uint8) with the geometry and metadata of ``images[0]``."""
-        return self.predict_prepared(self.prepare(images), images[0])
+    def predict(self, images: Sequence[Volume], missing: Sequence[int] = ()) -> Volume:
+        """Label map (uint8) with the geometry and metadata of ``images[0]``; ``missing``: see `prepare`."""
+        return self.predict_prepared(self.prepare(images, missing), images[0])
 
     def predict_prepared(self, case: PreprocessedCase, template: Volume) -> Volume:
         """`predict` after `prepare` (so reading + preprocessing can run ahead in another thread)."""
@@ -225,17 +226,30 @@ class Predictor:
                 results[i] = err
         return results  # type: ignore[return-value]
 
-    def prepare(self, images: Sequence[Volume]) -> PreprocessedCase:
+    def prepare(self, images: Sequence[Volume], missing: Sequence[int] = ()) -> PreprocessedCase:
         """Check the channel count and apply the training preprocessing.
 
         ``images``: the case's volumes, ``(*S)`` or ``(C, *S)`` each; their channels add up (an RGB
         picture read as ``(3, H, W)`` is 3 channels, the rule of `resunet.data.channels`).
+        ``missing``: channel indices the case lacks (``images`` hold the others, in order); only for
+        a model trained with modality dropout (`ModelSpec.accepts_missing_modality`), which sees
+        them zero-filled after normalisation (`resunet.data.missing`).
         """
-        count = sum(v.num_channels for v in images)
-        if count != self.num_input_channels:
+        count, needed = sum(v.num_channels for v in images), self.num_input_channels
+        missing = sorted({int(c) for c in missing})
+        if missing and not self.spec.accepts_missing_modality:
+            names = ", ".join(self.spec.channel_name(c) for c in missing if 0 <= c < needed)
             raise ModelError(
-                f"the model expects {self.num_input_channels} image channel(s) per case, got {count}"
+                f"{self.source} needs all {needed} image channel(s) per case; it cannot predict without "
+                f"{names or missing} (only a model trained with augment.modality_dropout > 0 can)"
             )
+        if count + len(missing) != needed:
+            raise ModelError(
+                f"the model expects {needed} image channel(s) per case, got {count}"
+                + (f" plus {len(missing)} missing" if missing else "")
+            )
+        if missing:
+            return preprocess_missing(list(images), missing, needed, self.preprocess)
         return preprocess_case(list(images), None, self.preprocess)
 
     def case_logits(self, image: torch.Tensor) -> torch.Tensor:

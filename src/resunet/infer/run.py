@@ -1,9 +1,12 @@
 """Reading a case and writing its outputs, for every front end: `predict_inputs` (``resunet
 predict``: every case of an input path, one bad case never stops the rest; probabilities,
-shards, ``--continue``) and `write_mask` (also used by the HTTP server and the DICOM node)."""
+shards, ``--continue``, cases missing a modality) and `write_mask` (also used by the HTTP server
+and the DICOM node)."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,6 +111,34 @@ def write_probabilities(probabilities: np.ndarray, template: Volume, labels: dic
     return path
 
 
+def missing_record_path(mask_path: Path) -> Path:
+    """Where predict records the modalities a case lacked: ``<case>.missing.json`` beside its mask."""
+    return probabilities_path(mask_path).with_suffix(".missing.json")
+
+
+def missing_record(case: InputCase, predictor: Predictor) -> dict:
+    """What `predict_inputs` records (and warns) about a case predicted without some channels."""
+    spec = predictor.spec
+    return {
+        "case": case.case_id, "model": str(predictor.source), "filled_with": 0.0,
+        "missing": [{"channel": c, "name": spec.channel_name(c), "file": f}
+                    for c, f in zip(case.missing, case.missing_files())],
+        "note": "predicted without these channels: zero-filled after normalisation (the model was trained "
+                "with augment.modality_dropout)",
+    }
+
+
+def _note_missing(case: InputCase, predictor: Predictor, mask_path: Path) -> Path | None:
+    """Write the case's `missing_record` beside its mask (removing a stale one for a complete case)."""
+    path = missing_record_path(mask_path)
+    if not case.missing:
+        path.unlink(missing_ok=True)
+        return None
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(missing_record(case, predictor), indent=1))
+    return path
+
+
 def select_part(cases: list[InputCase], num_parts: int = 1, part_id: int = 0) -> list[InputCase]:
     """nnU-Net's sharding: of the cases sorted by id, those at positions ``part_id``,
     ``part_id + num_parts``, ...; the ``num_parts`` parts cover every case exactly once."""
@@ -154,13 +185,19 @@ def predict_inputs(
     ``dicom_format``: what a DICOM series input gets, ``seg`` or ``rtstruct`` (`write_mask`).
     ``max_voxels`` / ``max_memory_gb``: a case whose headers declare more voxels x channels, or
     whose estimated memory does not fit (`resunet.infer.memory.Admission`), fails before it is
-    decoded; the others go on.
+    decoded; the others go on. A case of channel files lacking one (``CASE_0001.nii.gz``): with a
+    model trained with modality dropout it is predicted with that channel zero-filled after
+    normalisation, a warning names the file and the case, and ``<case>.missing.json`` beside the
+    mask records it (`missing_record`); any other model refuses the input (`InputError` naming
+    the file and the channels the model needs).
     """
     if dicom_format not in DICOM_FORMATS:
         raise ConfigError(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}, got {dicom_format!r}")
     admission = Admission(predictor, max_voxels, None if max_memory_gb is None else int(max_memory_gb * GIB),
                           strict=False)
-    every = discover_inputs(Path(input_path), predictor.num_input_channels)
+    spec = predictor.spec
+    every = discover_inputs(Path(input_path), predictor.num_input_channels,
+                            missing_ok=spec.accepts_missing_modality, channel_names=spec.inference.channel_names)
     output = Path(output)
     single = len(every) == 1
 
@@ -182,8 +219,12 @@ def predict_inputs(
 
     def load(case: InputCase) -> tuple[list[Volume], PreprocessedCase]:
         admission.need(case.paths)  # headers only: refuse before decoding
-        images = read_case(case.paths, predictor.num_input_channels)
-        return images, predictor.prepare(images)
+        images = read_case(case.paths, predictor.num_input_channels - len(case.missing))
+        if case.missing:
+            names = ", ".join(f"{f} ({spec.channel_name(c)})" for c, f in zip(case.missing, case.missing_files()))
+            warnings.warn(f"case {case.case_id}: {names} missing; predicted with that channel zero-filled after "
+                          f"normalisation (the model was trained with modality dropout)", stacklevel=2)
+        return images, predictor.prepare(images, case.missing)
 
     with Progress(*columns, console=Console(stderr=True)) as bar, ThreadPoolExecutor(1) as pool:
         task = bar.add_task("Predicting", total=len(cases), case="")
@@ -203,6 +244,7 @@ def predict_inputs(
                 written.append(write_mask(mask, target, labels=predictor.labels, source=images[0],
                                           dicom_format=dicom_format if case.kind == "dicom" else None,
                                           png_visible=png_visible))
+                written.extend(p for p in [_note_missing(case, predictor, target)] if p is not None)
             except ResunetError as err:
                 failed[case.case_id] = str(err)
             except MemoryError as err:

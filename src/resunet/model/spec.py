@@ -25,13 +25,20 @@ CHECKPOINT_FIELDS = ("model", "preprocess", "labels", "inference", "plan")
 
 class InferenceSpec(BaseModel):
     """How the model sees a case: ``mode`` 2-D (slice by slice, ``context`` neighbours on each side
-    as extra channels) or 3-D (sliding windows of ``patch_size`` voxels, array order)."""
+    as extra channels) or 3-D (sliding windows of ``patch_size`` voxels, array order).
+
+    ``modality_dropout``: the ``augment.modality_dropout`` it was trained with; > 0 means it has
+    seen cases with modalities zero-filled, so a case missing one may be predicted (zero-filled
+    after normalisation). ``channel_names``: the training dataset's name of each image channel
+    (modality), empty when unknown (checkpoints written before these fields existed)."""
 
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["2d", "3d"]
     context: int = Field(0, ge=0)
     patch_size: list[int]
+    modality_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    channel_names: list[str] = Field(default_factory=list)
 
 
 class ModelSpec(BaseModel):
@@ -92,6 +99,18 @@ class ModelSpec(BaseModel):
     def num_input_channels(self) -> int:
         """Image channels (modalities) a case must have: network inputs / (2 * context + 1)."""
         return self.in_channels // (2 * self.inference.context + 1)
+
+    @property
+    def accepts_missing_modality(self) -> bool:
+        """Trained with modality dropout: a case may lack some (not all) of its modalities."""
+        return self.inference.modality_dropout > 0 and self.num_input_channels > 1
+
+    def channel_name(self, channel: int) -> str:
+        """The training dataset's name of image channel ``channel`` (``channel 1`` when unknown)."""
+        names = self.inference.channel_names
+        if len(names) == self.num_input_channels and names[channel] not in ("", str(channel)):
+            return names[channel]
+        return f"channel {channel}"
 
     @property
     def label_values(self) -> list[int]:

@@ -58,17 +58,13 @@ def time_training(
 
     ``model`` (optional) is deep-copied so several precisions start from the same weights.
     """
-    from resunet.nets import build_model
     from resunet.train.steps import train_step
-    from resunet.train.trainer import augment_generator, make_batch, make_loss, make_optimizer
+    from resunet.train.trainer import augment_generator, make_batch, make_loss, make_model, make_optimizer
 
     stage = config.stages[0]
-    spatial_dims = 2 if config.data.mode == "2d" else 3
     if model is None:
         torch.manual_seed(config.seed)
-        model = build_model(config.model.name, spatial_dims=spatial_dims, in_channels=in_channels,
-                            out_channels=out_channels, base_channels=config.model.base_channels,
-                            depth=config.model.depth)
+        model = make_model(config, in_channels, out_channels)
     model = copy.deepcopy(model).to(device)
     optimizer, loss_fn = make_optimizer(model, config), make_loss(config)
     scaler = torch.amp.GradScaler("cuda" if torch.device(device).type == "cuda" else "cpu",
@@ -99,14 +95,11 @@ def choose_precision(
     device: torch.device | str = "cpu", bf16_available: bool | None = None, repeats: int = 8,
 ) -> PrecisionChoice:
     """fp32 or bf16 autocast for ``config`` on this machine: timed, and guarded numerically."""
-    from resunet.nets import build_model
+    from resunet.train.trainer import make_model
 
     device = torch.device(device)
-    spatial_dims = 2 if config.data.mode == "2d" else 3
     torch.manual_seed(config.seed)
-    model = build_model(config.model.name, spatial_dims=spatial_dims, in_channels=in_channels,
-                        out_channels=out_channels, base_channels=config.model.base_channels,
-                        depth=config.model.depth)
+    model = make_model(config, in_channels, out_channels)
     fp32 = time_training(config, cases, in_channels, out_channels, amp=False, model=model, device=device,
                          repeats=repeats)
     if bf16_available is None:

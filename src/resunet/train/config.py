@@ -38,6 +38,9 @@ class ModelConfig(_Strict):
     name: Literal["resunet", "unet", "attention_unet"] = Field("resunet", description="network (`resunet models` lists them)")
     base_channels: int = Field(32, ge=1, description="channels of the first level; doubled per level")
     depth: int = Field(5, ge=2, le=7, description="levels (poolings + 1); patches must be multiples of 2**(depth-1)")
+    fusion: Literal["early", "late"] = Field(
+        "early", description="how the modalities (image channels) meet: early = stacked as input channels of one "
+        "encoder; late = one encoder branch per modality (its 2.5-D slices), fused per level, one shared decoder")
 
 
 class LossConfig(_Strict):

@@ -32,7 +32,7 @@ from resunet.data.cache import CachedCase, build_cache
 from resunet.data.datasets import DatasetInfo, find_dataset, label_layout, read_label, validate_dataset
 from resunet.data.io import atomic_write
 from resunet.data.sampling import PatchSampler
-from resunet.errors import ConfigError
+from resunet.errors import ConfigError, ModelError
 from resunet.hardware import resolve_device
 from resunet.losses import DiceFocalLoss
 from resunet.model import ModelSpec, cache_root, checkpoint_payload, load_checkpoint, load_matching_weights, save_checkpoint
@@ -92,10 +92,11 @@ def make_batch(
     """One training batch as the loop builds it: ``sampler.sample()`` (drawn from
     ``sampler.rng``), moved to ``device``, `augment_batch` with ``augment`` (an `AugmentConfig`)
     and ``generator``; ``channels_last`` for 2-D models trained in that memory format.
+    Modality dropout drops whole modalities (``sampler.modalities``, each with its 2.5-D slices).
     Returns ``(images (B, C, *patch) float32, labels (B, 1, *patch) int64)``."""
     images, targets = sampler.sample()
     images, targets = images.to(device), targets.to(device)
-    images, targets = augment_batch(images, targets, augment, generator)
+    images, targets = augment_batch(images, targets, augment, generator, modalities=sampler.modalities)
     if channels_last and images.ndim == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets
@@ -164,6 +165,7 @@ class _Run:
     start_iteration: int = 0  # resumed mid-epoch: iterations of ``start_epoch`` already trained
     resumed_losses: list[float] = field(default_factory=list)
     epochs_run: int = 0
+    channel_names: list[str] = field(default_factory=list)  # the dataset's, one per modality
 
     @property
     def run_dir(self) -> Path:
@@ -182,7 +184,8 @@ class _Run:
         config = self.config
         spec = ModelSpec.for_network(
             self.model, preprocess=config.data.preprocess, labels=self.labels, plan=config.plan,
-            inference={"mode": config.data.mode, "context": config.data.context, "patch_size": list(stage.patch_size)},
+            inference={"mode": config.data.mode, "context": config.data.context, "patch_size": list(stage.patch_size),
+                       "modality_dropout": config.augment.modality_dropout, "channel_names": self.channel_names},
         )
         record: dict[str, Any] = {
             "train_config": config.model_dump(mode="json"), "epoch": epoch,
@@ -215,8 +218,9 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     return FitResult(run_dir, run.epochs_run, run.best, stopped_early)
 
 
-def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int], int, list, list]:
-    """Labels, output channels, and the cached training / validation cases (rank 0 builds the cache)."""
+def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int], int, list, list, list[str]]:
+    """Labels, output channels, the cached training / validation cases (rank 0 builds the cache)
+    and the dataset's channel names."""
     info = find_dataset(config.data.dataset)
     validate_dataset(info)
     labels, out_channels = label_layout(info)
@@ -232,18 +236,16 @@ def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int
     if not dist_info.is_main:
         index = build_cache(info.training, config.data.preprocess, cache_dir, progress=False,
                             label_reader=label_reader)
-    return labels, out_channels, [index.load(i) for i in train_ids], [index.load(i) for i in val_ids]
+    return (labels, out_channels, [index.load(i) for i in train_ids], [index.load(i) for i in val_ids],
+            list(info.channel_names))
 
 
 def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop: StopRequest,
            resume: bool) -> _Run:
     """Data, model, optimiser, schedule, logger; the saved state when resuming, else the config written."""
-    labels, out_channels, train_cases, val_cases = _load_cases(config, dist_info)
+    labels, out_channels, train_cases, val_cases, channel_names = _load_cases(config, dist_info)
     num_in = train_cases[0].image.shape[0] * (2 * config.data.context + 1)
-    model = build_model(
-        config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3, in_channels=num_in,
-        out_channels=out_channels, base_channels=config.model.base_channels, depth=config.model.depth,
-    ).to(device)
+    model = make_model(config, num_in, out_channels).to(device)
     if config.channels_last and config.data.mode == "2d":
         model = model.to(memory_format=torch.channels_last)
     if config.init_from is not None and not resume:
@@ -256,7 +258,7 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
         torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.stages)),
         torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda"),
         make_loss(config), RunLogger(Path(config.output_dir), [n for n, v in labels.items() if v != 0],
-                                     enabled=dist_info.is_main),
+                                     enabled=dist_info.is_main), channel_names=channel_names,
     )
     if resume:
         _restore(run, load_checkpoint(run.run_dir / "last.pt", map_location=device))
@@ -467,6 +469,23 @@ def _save_and_stop(stop: StopRequest, dist_info: DistInfo, run_dir: Path, epoch:
         f"Continue exactly where it stopped with: {command}",
         checkpoint=last_path,
     )
+
+
+def make_model(config: TrainConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
+    """The network ``config.model`` describes for ``in_channels`` inputs (modalities x (2 * context
+    + 1) slices) and ``out_channels`` logits: the one place training and timing build it.
+    `ConfigError` for late fusion of a single modality or a network without per-modality encoders."""
+    modalities = in_channels // (2 * config.data.context + 1)
+    if config.model.fusion == "late" and modalities < 2:
+        raise ConfigError(f"model.fusion late needs at least 2 modalities (image channels); {config.data.dataset} "
+                          f"has {modalities}: use model.fusion early")
+    try:
+        return build_model(config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3,
+                           in_channels=in_channels, out_channels=out_channels,
+                           base_channels=config.model.base_channels, depth=config.model.depth,
+                           modalities=modalities, modality_fusion=config.model.fusion)
+    except ModelError as err:
+        raise ConfigError(f"model: {err}") from None
 
 
 def make_loss(config: TrainConfig) -> DiceFocalLoss:

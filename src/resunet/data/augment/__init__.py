@@ -1,7 +1,8 @@
 """Batched, on-device augmentation for segmentation: image and mask transformed together.
 
 Modules: `config` (settings), `spatial` (affine + elastic, one resampling), `intensity` (image
-only), `resolution` (blur, low resolution), `pipeline` (`augment_batch`).
+only), `resolution` (blur, low resolution), `modality` (modality dropout), `pipeline`
+(`augment_batch`).
 
 Everything here works on whole batches that already sit on their device (CPU now, CUDA
 later); every random parameter is drawn per sample from a ``torch.Generator`` so the same seed
@@ -40,7 +41,7 @@ Pipeline and defaults (:class:`AugmentConfig`, nnU-Net flavoured)
 Each transform is switched by ``enabled`` and applied to each sample independently with
 probability ``p``. Order: one spatial resampling (rotation, zoom, flips, elastic fused), then
 on the image only: bias field, brightness, contrast, gamma, low resolution, blur, Gaussian
-noise, Rician noise.
+noise, Rician noise, and last modality dropout.
 
 =============  =======  =====  ===================================================
 transform      enabled  p      parameters
@@ -57,6 +58,7 @@ Gaussian noise yes      0.1    sigma 0-0.1 x each sample's intensity std
 Rician noise   no       0.1    sigma 0-0.05 x each sample's intensity std
 blur           no       0.2    Gaussian, sigma 0.5-1 px per axis (before the noise)
 low resolution no       0.25   nearest down-sampling to 0.5-1x per axis, linear back up
+modality drop  no       0      ``modality_dropout``: 1..M-1 of M modalities zeroed
 =============  =======  =====  ===================================================
 
 Blur and low-resolution simulation run after gamma and before the noise (a scanner blurs, then
@@ -91,6 +93,7 @@ from resunet.data.augment.intensity import (
     adjust_gamma,
     bias_field,
 )
+from resunet.data.augment.modality import modality_dropout
 from resunet.data.augment.pipeline import augment_batch
 from resunet.data.augment.resolution import gaussian_blur, simulate_low_resolution
 from resunet.data.augment.spatial import (
@@ -105,6 +108,6 @@ __all__ = [
     "FlipConfig", "GammaConfig", "LowResConfig", "NoiseConfig", "RicianNoiseConfig", "RotationConfig",
     "ScaleConfig", "add_gaussian_noise", "add_rician_noise", "adjust_brightness", "adjust_contrast",
     "adjust_gamma", "apply_spatial", "augment_batch", "augment_config_from_dict", "bias_field",
-    "elastic_displacement", "gaussian_blur", "make_affine_matrices", "random_affine_matrices",
+    "elastic_displacement", "gaussian_blur", "make_affine_matrices", "modality_dropout", "random_affine_matrices",
     "simulate_low_resolution",
 ]

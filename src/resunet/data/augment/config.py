@@ -247,6 +247,9 @@ class AugmentConfig(_Strict):
     rician_noise: RicianNoiseConfig = Field(default_factory=RicianNoiseConfig)
     blur: BlurConfig = Field(default_factory=BlurConfig)
     low_resolution: LowResConfig = Field(default_factory=LowResConfig)
+    modality_dropout: Probability = Field(
+        0.0, description="probability that a sample loses some of its modalities (zero-filled, all 2.5-D slices "
+        "of one together; never all); > 0 lets the model predict a case with a modality missing")
 
     @classmethod
     def disabled(cls) -> AugmentConfig:
@@ -254,6 +257,7 @@ class AugmentConfig(_Strict):
         cfg = cls()
         for name in _TRANSFORM_FIELDS:
             getattr(cfg, name).enabled = False
+        cfg.modality_dropout = 0.0
         return cfg
 
 

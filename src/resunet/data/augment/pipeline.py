@@ -1,4 +1,5 @@
-"""`augment_batch`: a batch through one spatial resampling, then the intensity transforms."""
+"""`augment_batch`: a batch through one spatial resampling, the intensity transforms, then
+modality dropout."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from resunet.data.augment.intensity import (
     adjust_gamma,
     bias_field,
 )
+from resunet.data.augment.modality import modality_dropout
 from resunet.data.augment.resolution import gaussian_blur, simulate_low_resolution
 from resunet.data.augment.spatial import (
     _affine_grid,
@@ -59,8 +61,10 @@ def augment_batch(
     generator: torch.Generator | None = None,
     *,
     spacing: Sequence[float] | None = None,
+    modalities: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Augment a batch in one call: one spatial resampling, then the intensity transforms.
+    """Augment a batch in one call: one spatial resampling, the intensity transforms, then
+    modality dropout (``config.modality_dropout``, `resunet.data.augment.modality`).
 
     Args:
         image: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` floating point, on any device.
@@ -72,6 +76,8 @@ def augment_batch(
             torch's global RNG.
         spacing: optional voxel spacing in array order, so rotations are rotations in physical
             space for anisotropic voxels (default: isotropic pixels).
+        modalities: how many modalities the ``C`` channels hold, modality-major (each
+            ``C / modalities`` channels: its 2.5-D slices); modality dropout drops whole ones.
 
     Returns:
         ``(image, mask)``: new tensors of the input shapes and dtypes (mask None if None).
@@ -81,6 +87,7 @@ def augment_batch(
     image, mask, squeeze = _check_batch(image, mask)
     img, msk = _spatial_step(cfg, image, mask, generator, spacing)
     img = _intensity_step(cfg, img, generator)
+    img = modality_dropout(img, cfg.modality_dropout, modalities, generator)[0]  # draws only when p > 0
     if msk is not None and squeeze:
         msk = msk.squeeze(1)
     return img, msk
