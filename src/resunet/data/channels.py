@@ -129,16 +129,22 @@ def split_channels(volume: Volume) -> list[Volume]:
     return [replace(volume, array=np.ascontiguousarray(array[c]), meta=dict(meta)) for c in range(array.shape[0])]
 
 
-def missing_channels(paths: Sequence[str | os.PathLike[str]], needed: int) -> list[int]:
-    """Channel indices ``0 .. needed - 1`` that no ``CASE_XXXX`` file of ``paths`` holds (each file
-    one channel, numbered by its name); ``[]`` for a case in one file or a complete one."""
+def missing_channels(
+    case_id: str,
+    paths: Sequence[str | os.PathLike[str]],
+    needed: int,
+    counts: Callable[[Path], int] = file_channels,
+) -> list[int]:
+    """Channel indices ``0 .. needed - 1`` that case ``case_id`` has no channel file for: ``[]``
+    unless every path is a channel file ``{case_id}_XXXX`` and together they hold fewer than
+    ``needed`` channels (a case `group_case_files` formed with ``partial``)."""
     numbers = []
     for p in paths:
         m = CHANNEL_FILE.match(_stem(Path(p)))
-        if m is None:
+        if m is None or m["case"] != case_id:
             return []
         numbers.append(int(m["channel"]))
-    if len(numbers) >= needed:
+    if len(numbers) >= needed or sum(counts(Path(p)) for p in paths) >= needed:
         return []
     return [c for c in range(needed) if c not in set(numbers)]
 

@@ -107,7 +107,7 @@ def discover_inputs(path: Path, num_channels: int = 1, *, missing_ok: bool = Fal
     grouped, problems = group_case_files([(_split_suffix(f)[0], f) for f in files], num_channels, partial=True)
     for case_id, paths in grouped:
         case = InputCase(case_id, paths, file_kind(paths[0]), _output_suffix(_split_suffix(paths[0])[1]),
-                         missing_channels(paths, num_channels))
+                         missing_channels(case_id, paths, num_channels))
         if case.missing and not missing_ok:
             problems.append(_missing_problem(case, num_channels, channel_names))
         else:
