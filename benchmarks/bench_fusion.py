@@ -22,6 +22,9 @@ it; ``--set`` adds the fusion settings on top of the plan):
 - ``late + dropout``: late fusion trained with ``augment.modality_dropout=--dropout``;
 - with ``--early-dropout`` also ``early + dropout``.
 
+``--fixed`` trains a small fixed 2.5-D config instead of a plan (``max_minutes`` = ``--minutes``):
+a smoke check of the script below the planner's minimum budget (``--minutes 0.2 --fixed``).
+
 Every model trained with modality dropout is also predicted with FLAIR missing (the test cases'
 ``_0001`` files left out: zero-filled after normalisation, `resunet predict` warns). The script
 prints a markdown table of whole-tumour Dice per test patient and their mean, then the plan each
@@ -47,6 +50,10 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "brats2015_sample"
 MODALITIES = {"T1c": "T1c_subtrMeanDivStd.nii.gz", "FLAIR": "Flair_subtrMeanDivStd.nii.gz"}
 LABEL, BRAIN = "OTMultiClass.nii.gz", "brainmask.nii.gz"
 TRAIN, TEST = (1, 2, 3, 4), (5, 6)
+#: ``--fixed``: the config trained instead of a plan (a smoke check below the planner's minimum budget)
+FIXED = ["data.preprocess.modality=mr", "data.mode=2d", "data.context=1", "data.val_fraction=0.25",
+         "model.base_channels=8", "model.depth=4", "val_interval=5",
+         "stages=[{patch_size: [64, 64], batch_size: 4, epochs: 100, iterations_per_epoch: 5}]"]
 
 
 def patient_folders(data: Path) -> dict[int, Path] | None:
@@ -167,8 +174,12 @@ def train_and_predict(args: argparse.Namespace, out: Path, roots: dict[str, Path
             seconds = json.loads((run_dir / "bench_seconds.json").read_text())["seconds"]
         else:
             print(f"{name}: training {args.minutes:g} min ...", flush=True)
-            cmd = [*resunet, "train", str(dataset), "--minutes", str(args.minutes), "-o", str(run_dir),
-                   *[a for s in sets for a in ("--set", s)]]
+            if args.fixed:  # no planner: a small fixed config under the same wall-clock budget
+                sets = [*FIXED, f"max_minutes={args.minutes}", *sets]
+                cmd = [*resunet, "train", "--dataset", str(dataset), "-o", str(run_dir)]
+            else:
+                cmd = [*resunet, "train", str(dataset), "--minutes", str(args.minutes), "-o", str(run_dir)]
+            cmd += [a for s in sets for a in ("--set", s)]
             seconds = run(cmd, out / f"{slug}_train.log", env)
             (run_dir / "bench_seconds.json").write_text(json.dumps({"seconds": seconds}))
         inputs = {"": name if name in ("T1c", "FLAIR") else "both"}
@@ -186,8 +197,9 @@ def train_and_predict(args: argparse.Namespace, out: Path, roots: dict[str, Path
 
 def print_tables(results: dict, args: argparse.Namespace) -> None:
     cases = [f"pat{n:04d}" for n in TEST]
+    how = "a fixed small config (--fixed, no planner)" if args.fixed else "`resunet train DATASET` (planned)"
     print(f"\nBraTS sample, whole tumour (label > 0), train patients {TRAIN}, test {TEST}; "
-          f"{args.minutes:g} min per `resunet train`; modality dropout p = {args.dropout:g}\n")
+          f"{args.minutes:g} min per run of {how}; modality dropout p = {args.dropout:g}\n")
     print("| model | " + " | ".join(cases) + " | mean | train min |")
     print("|---|" + "---:|" * (len(cases) + 2))
     for name, r in results.items():
@@ -211,6 +223,8 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.3, help="augment.modality_dropout of the dropout runs")
     ap.add_argument("--early-dropout", action="store_true", help="also train early fusion with modality dropout")
     ap.add_argument("--margin", type=int, default=4, help="voxels kept around the brain mask's box")
+    ap.add_argument("--fixed", action="store_true", help="train a small fixed 2.5-D config (no planner) for "
+                    "--minutes each: a smoke check below the planner's minimum budget, not a result")
     args = ap.parse_args()
     folders = patient_folders(args.data)
     if folders is None:

@@ -171,13 +171,16 @@ class Predictor:
         return {
             "model": self.spec.model, "labels": self.labels, "backend": self.backend,
             "input": {"channels": self.num_input_channels, "spatial_dims": self.model.spatial_dims,
-                      "mode": self.mode, "context": self.context, "divisor": self.model.divisor},
+                      "mode": self.mode, "context": self.context, "divisor": self.model.divisor,
+                      "channel_names": [self.spec.channel_name(c) for c in range(self.num_input_channels)],
+                      "missing_modality_ok": self.spec.accepts_missing_modality},
             "preprocess": self.preprocess.model_dump(mode="json"),
         }
 
-    def predict_probabilities(self, images: Sequence[Volume]) -> np.ndarray:
-        """Class probabilities ``(K, *S)`` on the original grid (K = 1 for binary: P(foreground))."""
-        case = self.prepare(images)
+    def predict_probabilities(self, images: Sequence[Volume], missing: Sequence[int] = ()) -> np.ndarray:
+        """Class probabilities ``(K, *S)`` on the original grid (K = 1 for binary: P(foreground));
+        ``missing``: see `prepare`."""
+        case = self.prepare(images, missing)
         return self.original_probabilities(self.case_logits(torch.from_numpy(case.image)), case)
 
     def predict_prepared_with_probabilities(self, case: PreprocessedCase, template: Volume) -> tuple[Volume, np.ndarray]:
