@@ -13,7 +13,7 @@ from resunet.data.volume import Volume
 from resunet.errors import InputError
 from resunet.plan import fingerprint_dataset, plan_dataset, rules
 from resunet.plan.fingerprint import modality_from_name, orientation_code
-from resunet.plan.timing import precision_guard
+from resunet.train.precision import precision_guard
 from resunet.train.config import load_config
 
 
@@ -211,7 +211,7 @@ def test_plan_yaml_round_trip_and_cli(tiny_mr, tmp_path, monkeypatch):
     assert config.plan["minutes"] == 6 and config.data.preprocess.reorient
     assert config.data.mode in ("2d", "3d") and config.stages[0].epochs >= 1
     keys = {c["key"] for c in config.plan["choices"]}
-    assert {"data.preprocess.target_spacing", "data.mode", "model.base_channels", "amp", "stages.0.epochs"} <= keys
+    assert {"data.preprocess.target_spacing", "data.mode", "model.base_channels", "precision", "stages.0.epochs"} <= keys
     again = load_config(out)
     assert again == config  # YAML round trip
 
@@ -302,11 +302,13 @@ def test_predict_sees_every_scan_at_the_training_geometry(tmp_path):
 def _fake_speed(monkeypatch, seconds: float):
     from resunet.plan import planner, timing
 
-    def fake(config, cases, in_channels, out_channels, *, amp, **kw):
-        return timing.StepTiming(seconds, [1.0, 0.9, 0.8], amp)
+    from resunet.train.precision import StepChoice, StepSettings
 
-    monkeypatch.setattr(timing, "time_training", fake)
+    def fake(config, cases, in_channels, out_channels, *, settings, **kw):
+        return timing.StepTiming(seconds, [1.0, 0.9, 0.8], settings)
+
     monkeypatch.setattr(planner, "time_training", fake)
+    monkeypatch.setattr(planner, "planned_step_settings", lambda *a, **k: StepChoice(StepSettings(), "fp32 (faked)"))
 
 
 def test_one_case_plans_without_validation_and_a_tiny_budget_says_how_much(tmp_path, monkeypatch):

@@ -31,7 +31,8 @@ from resunet.model.paths import cache_root
 from resunet.plan import rules
 from resunet.plan.fingerprint import DatasetFingerprint, fingerprint_dataset
 from resunet.plan.rules import Choice
-from resunet.plan.timing import choose_precision, time_training
+from resunet.train.precision import StepSettings
+from resunet.plan.timing import planned_step_settings, time_training
 from resunet.train.config import TrainConfig, config_from_dict, dump_config, merge_trees
 
 __all__ = ["DEFAULT_MINUTES", "Plan", "plan_dataset"]
@@ -223,16 +224,15 @@ class _CandidateSearch:
 
     def measure(self, candidate: dict[str, Any]) -> float:
         """Seconds per training step of ``candidate``, timed (the first also chooses the precision)."""
-        config = _candidate_config(self.tree, candidate, self.fp, self.n_train, amp=False, epochs=1)
+        config = _candidate_config(self.tree, candidate, self.fp, self.n_train, settings=None, epochs=1)
         channels = self.in_channels * (2 * candidate["context"] + 1)
         if self.precision is None:
-            self.precision = choose_precision(config, self.cases, channels, self.out_channels, device=self.device)
-            seconds = self.precision.bf16_seconds if self.precision.amp else self.precision.fp32_seconds
-        else:
-            config.amp = self.precision.amp
-            seconds = time_training(config, self.cases, channels, self.out_channels, amp=self.precision.amp,
-                                    device=self.device).seconds
-        self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "amp": self.precision.amp})
+            self.precision = planned_step_settings(config, self.cases, channels, self.out_channels, device=self.device)
+        settings = self.precision.settings
+        seconds = time_training(config, self.cases, channels, self.out_channels, settings=settings,
+                                device=self.device).seconds
+        self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "precision": settings.precision,
+                             "memory_format": settings.memory_format})
         return seconds
 
     def _affordable(self, candidate: dict[str, Any], minimum: int) -> float | None:
@@ -295,7 +295,8 @@ def _geometry_choices(candidate: dict[str, Any], search: _CandidateSearch, had_3
         Choice("model.base_channels", candidate["base_channels"],
                (f"widest whose step leaves >= {minimum} steps" if minimum else
                 "no candidate leaves the minimum steps: the cheapest") + f" (timed here: {tried})"),
-        Choice("amp", "bf16" if search.precision.amp else "fp32", search.precision.reason),
+        Choice("precision", search.precision.settings.precision, search.precision.reason),
+        Choice("memory_format", search.precision.settings.memory_format, "chosen with the precision"),
     ]
 
 
@@ -319,7 +320,7 @@ def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], secon
     choices.append(why)
     tree["augment"] = augment
     tree["schedule"]["warmup_iterations"] = max(10, int(0.02 * epochs * per_epoch))
-    return _candidate_config(tree, candidate, fp, search.n_train, amp=search.precision.amp, epochs=epochs,
+    return _candidate_config(tree, candidate, fp, search.n_train, settings=search.precision.settings, epochs=epochs,
                              per_epoch=per_epoch, val_interval=val_interval)
 
 
@@ -349,14 +350,15 @@ def _macs(candidate: dict[str, Any], in_channels: int, out_channels: int) -> flo
 
 
 def _candidate_config(tree: dict[str, Any], candidate: dict[str, Any], fp: DatasetFingerprint, n_train: int,
-                      *, amp: bool, epochs: int, per_epoch: int = rules.ITERATIONS_PER_EPOCH,
+                      *, settings: StepSettings | None, epochs: int, per_epoch: int = rules.ITERATIONS_PER_EPOCH,
                       val_interval: int = 1) -> TrainConfig:
     full = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy of plain data
     full["data"].update(mode=candidate["mode"], context=candidate["context"])
     full["model"] = {"name": "resunet", "base_channels": candidate["base_channels"], "depth": candidate["depth"]}
     full["stages"] = [{"patch_size": candidate["patch_size"], "batch_size": candidate["batch_size"],
                        "epochs": epochs, "iterations_per_epoch": per_epoch}]
-    full["amp"] = amp
+    if settings is not None:  # None: the tree's own (auto unless the user forced one)
+        full["precision"], full["memory_format"] = settings.precision, settings.memory_format
     full["val_interval"] = val_interval
     full.setdefault("augment", rules.plan_augmentation(fp, candidate["mode"], n_train)[0])
     return config_from_dict(full, "the plan")

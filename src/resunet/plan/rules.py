@@ -34,8 +34,9 @@ batch                  2-D: `PIXELS_PER_BATCH_2D` / patch pixels, clamped to [8,
 width                  the widest of base 32 / 16 / 8 whose timed step still leaves `MIN_STEPS`
                        steps in the budget (training steps buy more Dice than width on a CPU
                        budget: the demo gained +0.005 from 560 to 1120 steps)
-precision              bf16 autocast where it is native and measured faster and its losses track
-                       fp32's (`resunet.plan.timing.choose_precision`), else fp32
+precision, memory      the fastest of fp32 / bf16 (native only) x contiguous / channels-last whose
+format                 losses track fp32's, timed on the cheapest candidate
+                       (`resunet.train.precision.choose_step_settings`, cached per machine)
 loss                   Dice + cross-entropy (nnU-Net's; +0.002 over Dice + focal in the demo)
 optimiser / schedule   AdamW, LR 3e-3, warm-up 2 % of the steps, poly decay to 0 at the last step
 epochs x iterations    as many steps as fit in the budget left after fingerprint, cache, timing
