@@ -26,15 +26,17 @@ _DONE = object()
 
 
 class BatchLoader(Generic[T]):
-    """Iterate ``count`` results of ``make()``; ``prefetch`` > 0 makes up to that many ahead in a
-    background thread (an exception there is raised in the loop, at the batch it broke on).
-    Use as a context manager, so a loop that stops early also stops the thread."""
+    """Iterate ``count`` results of ``make()``; ``prefetch`` > 0 makes at most that many batches
+    ahead of the one the loop holds (counting the one being made), in a background thread. An
+    exception there is raised in the loop, at the batch it broke on. Use as a context manager, so
+    a loop that stops early also stops the thread."""
 
     def __init__(self, make: Callable[[], T], count: int, prefetch: int = 1) -> None:
         self.make, self.count, self.prefetch = make, count, prefetch
         self.wait_seconds = 0.0
         self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(max(1, prefetch))  # batches that may be made ahead
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "BatchLoader[T]":
@@ -46,15 +48,12 @@ class BatchLoader(Generic[T]):
     def _produce(self) -> None:
         try:
             for _ in range(self.count):
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
                 if self._stop.is_set():
                     return
-                item = self.make()
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._queue.put((self.make(), None))
         except BaseException as err:  # handed to the loop, raised there
             self._queue.put((_DONE, err))
             return
@@ -78,16 +77,20 @@ class BatchLoader(Generic[T]):
                 raise err
             if item is _DONE:
                 return
+            self._slots.release()  # the loop holds this one: the thread may make the next
             yield item
+
+    def wait_next(self) -> float:
+        """Block until the next batch is made (or none is left); the seconds waited. For a caller
+        that must keep the thread's work inside its own time slot (`benchmarks/bench_train.py`)."""
+        t0 = time.perf_counter()
+        while self._thread is not None and self._thread.is_alive() and self._queue.empty():
+            time.sleep(0.001)
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the background thread (it finishes the batch it is making) and wait for it."""
         self._stop.set()
         if self._thread is not None:
-            while self._thread.is_alive():
-                try:
-                    self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    pass
             self._thread.join()
             self._thread = None

@@ -11,8 +11,8 @@ candidates          CPU: fp32, and bf16 autocast only where the CPU computes bf1
                     for 3-D). A forced precision or memory format narrows the list to it.
 timing              every candidate starts from a copy of the SAME initial weights and trains on
                     the SAME batches; the candidates take their steps in turns (round robin), so a
-                    load spike on a shared machine hits them alike. Seconds per step = mean of the
-                    steps after the first (warm-up: kernel selection, allocation).
+                    load spike on a shared machine hits them alike. Seconds per step = median of
+                    the steps after the first (warm-up: kernel selection, allocation).
 numerical guard     `precision_guard`: every loss finite, the weights finite after the steps, and
                     the last loss within `LOSS_TOLERANCE` (relative) of fp32's on the same batches.
                     A candidate that fails is never chosen, however fast.
@@ -20,7 +20,8 @@ choice              the fastest candidate that passes; the reference (fp32, cont
                     winner is at least `MIN_GAIN` faster, so noise does not flip the choice.
 cache               the choice is stored per machine (`machine_key`), device, network
                     (`model_config`), batch shape and request in ``$RESUNET_CACHE/step_settings.json``;
-                    a second run of the same shape on the same machine does not time again.
+                    a second run of the same shape on the same machine does not time again
+                    (delete the file to measure again, e.g. after measuring on a busy machine).
 ==================  ===========================================================================
 
 The trainer prints the choice, writes it to ``<run>/step_settings.json`` and keeps it in ``last.pt``
@@ -208,7 +209,8 @@ def time_candidates(
     out = []
     for (settings, net, _, _), s, loss in zip(runs, seconds, losses):
         finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
-        out.append(StepTiming(settings, float(np.mean(s[1:] if len(s) > 1 else s)), loss, finite))
+        # the median: the batches are fixed, so the cost is too, and a load spike is not the step's
+        out.append(StepTiming(settings, float(np.median(s[1:] if len(s) > 1 else s)), loss, finite))
     return out
 
 
