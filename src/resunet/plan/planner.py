@@ -155,8 +155,13 @@ def plan_dataset(
     out_channels = _label_layout(info, fp)
 
     choices: list[Choice] = []
-    preprocess, why = rules.plan_preprocessing(fp, minutes)
+    slice_axis, why = rules.plan_slice_axis(fp)
+    choices += [why] if why else []
+    planned = fp.with_first_axis(slice_axis)  # the array order the preprocessed cases will have
+    preprocess, why = rules.plan_preprocessing(planned, minutes)
     choices += why
+    if slice_axis:
+        preprocess["slice_axis"] = slice_axis
     val_fraction, why = rules.plan_validation(fp.num_cases)
     choices.append(why)
     foreground, why = rules.plan_foreground_fraction(fp)
@@ -176,10 +181,10 @@ def plan_dataset(
     index = build_cache(info.training, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
-    search = _CandidateSearch(tree, fp, cases, out_channels, minutes, t0, device)
-    three_d, two_d, mode_reason = rules.geometry_candidates(fp, preprocess["target_spacing"], minutes)
+    search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device)
+    three_d, two_d, mode_reason = rules.geometry_candidates(planned, preprocess["target_spacing"], minutes)
     candidate, seconds, minimum = search.choose(three_d, two_d)
-    choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, fp, minutes, minimum)
+    choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, planned, minutes, minimum)
     config = _schedule_and_augment(tree, candidate, seconds, search, choices)
     config.max_minutes = round(max(0.1, (minutes * 60.0 - (time.perf_counter() - t0)) / 60.0), 3)
     planning = time.perf_counter() - t0

@@ -136,6 +136,28 @@ def _case_spread(means: Sequence[float]) -> float:
     return float(m.std() / centre) if centre > 1e-12 else float("inf")
 
 
+def plan_slice_axis(fp: DatasetFingerprint) -> tuple[int, Choice | None]:
+    """3-D data: the canonical axis (0 z, 1 y, 2 x) moved first, which a 2-D / 2.5-D network
+    slices along (`PreprocessConfig.slice_axis`): the one-slice axis of files holding a single
+    slice; else the coarsest axis of anisotropic data (max / min spacing >= `ANISOTROPY_FOR_2D`:
+    a sagittally acquired scan is sliced sagittally, so each slice is an acquired, sharp image);
+    else 0 (axial)."""
+    if fp.spatial_ndim != 3:
+        return 0, None
+    singleton = [t for t in range(3) if all(c.shape[t] == 1 for c in fp.cases)]
+    names = ("z (axial)", "y (coronal)", "x (sagittal)")
+    if singleton:
+        axis = singleton[0]
+        return axis, Choice("data.preprocess.slice_axis", axis, f"the files hold one slice along {names[axis]}")
+    spacing = fp.median_spacing
+    if max(spacing) / min(spacing) < ANISOTROPY_FOR_2D:
+        return 0, None
+    axis = int(np.argmax(spacing))
+    return axis, Choice("data.preprocess.slice_axis", axis,
+                        f"the coarsest axis, {names[axis]} ({spacing[axis]:.3g} mm vs {min(spacing):.3g} mm): "
+                        "2-D slices are the acquired planes")
+
+
 def plan_preprocessing(fp: DatasetFingerprint, minutes: float) -> tuple[dict[str, Any], list[Choice]]:
     """Target spacing, orientation, cropping and normalisation (a `PreprocessConfig` dict)."""
     n = fp.spatial_ndim
@@ -233,7 +255,7 @@ def geometry_candidates(
         return [], two_d, "2-D images"
     anisotropy = max(spacing) / min(spacing)
     if anisotropy >= ANISOTROPY_FOR_2D:
-        return [], two_d, f"anisotropic spacing ({anisotropy:.1f}x): 2.5-D slices along the first axis"
+        return [], two_d, f"anisotropic spacing ({anisotropy:.1f}x): 2.5-D slices along the coarsest axis"
     voxels = float(np.prod(shape))
     scale = min(1.0, (MAX_3D_VOXELS / voxels) ** (1 / 3))
     target = [s * scale for s in shape]
