@@ -67,8 +67,7 @@ def time_training(
     if model is None:
         torch.manual_seed(config.seed)
         model = build_model(config.model.name, spatial_dims=spatial_dims, in_channels=in_channels,
-                            out_channels=out_channels, base_channels=config.model.base_channels,
-                            depth=config.model.depth)
+                            out_channels=out_channels, **config.model.build_kwargs())
     model = copy.deepcopy(model).to(device)
     optimizer, loss_fn = make_optimizer(model, config), make_loss(config)
     scaler = torch.amp.GradScaler("cuda" if torch.device(device).type == "cuda" else "cpu",
@@ -105,8 +104,7 @@ def choose_precision(
     spatial_dims = 2 if config.data.mode == "2d" else 3
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, spatial_dims=spatial_dims, in_channels=in_channels,
-                        out_channels=out_channels, base_channels=config.model.base_channels,
-                        depth=config.model.depth)
+                        out_channels=out_channels, **config.model.build_kwargs())
     fp32 = time_training(config, cases, in_channels, out_channels, amp=False, model=model, device=device,
                          repeats=repeats)
     if bf16_available is None:

@@ -242,7 +242,7 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     num_in = train_cases[0].image.shape[0] * (2 * config.data.context + 1)
     model = build_model(
         config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3, in_channels=num_in,
-        out_channels=out_channels, base_channels=config.model.base_channels, depth=config.model.depth,
+        out_channels=out_channels, **config.model.build_kwargs(),
     ).to(device)
     if config.channels_last and config.data.mode == "2d":
         model = model.to(memory_format=torch.channels_last)
