@@ -37,8 +37,8 @@ def test_gradient_reaches_encoder_transformer_and_decoder():
     model = hybrid(transformer_dim=8, transformer_heads=2)
     model(torch.randn(2, 2, 16, 16)).square().mean().backward()
     names = [n for n, _ in model.named_parameters()]
-    for part in ("encoders.", "transformer.project_in", "transformer.blocks.1.attention.qkv", "transformer.blocks.1.mlp",
-                 "transformer.norm", "transformer.project_out", "decoders.", "head."):
+    for part in ("encoders.", "transformer.project_in", "transformer.blocks.1.attention.qkv",
+                 "transformer.blocks.1.mlp", "transformer.norm", "transformer.project_out", "decoders.", "head."):
         assert any(n.startswith(part) for n in names), part
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert missing == []
@@ -49,7 +49,8 @@ def test_position_codes_known_values_and_the_same_at_every_grid_size():
     assert codes.shape == (6, 10)
     f = torch.tensor([1.0, 1e-2])
     row, col = 1, 2  # token 5 in row-major order
-    expected = torch.cat([torch.sin(row * f), torch.cos(row * f), torch.sin(col * f), torch.cos(col * f), torch.zeros(2)])
+    expected = torch.cat([torch.sin(row * f), torch.cos(row * f), torch.sin(col * f), torch.cos(col * f),
+                          torch.zeros(2)])
     assert torch.allclose(codes[5], expected, atol=1e-6)
     big = sinusoidal_positions((4, 5), 10).reshape(4, 5, 10)
     assert torch.allclose(big[:2, :3].reshape(6, 10), codes)
@@ -64,7 +65,9 @@ def test_tokens_are_positions_attention_is_global_and_the_code_breaks_the_symmet
     torch.manual_seed(0)
     stage = TransformerBottleneck(8, layers=1, heads=2).eval()
     x = torch.randn(1, 8, 3, 4)
-    flip = lambda t: t.flip(-1)  # noqa: E731 -- moves tokens to other grid positions
+    def flip(t: torch.Tensor) -> torch.Tensor:  # moves tokens to other grid positions
+        return t.flip(-1)
+
     with torch.no_grad():
         changed = x.clone()
         changed[0, 0, 0, 0] += 1.0  # one token changes (one channel: a shift of all is invisible to LayerNorm) ...
@@ -90,7 +93,7 @@ def test_two_input_sizes_and_the_divisor_check_of_the_others():
 
 
 def test_bad_settings_are_rejected_with_the_fix():
-    with pytest.raises(ModelError, match=r"transformer_heads=3 does not divide the token width 16 .*base_channels.*\[1, 2, 4, 8, 16\]"):
+    with pytest.raises(ModelError, match=r"heads=3 does not divide the token width 16 .*base_channels.*\[1, 2, 4, 8, 16\]"):
         hybrid(transformer_heads=3)
     with pytest.raises(ModelError, match=r"transformer_heads=4 does not divide the token width 6 \(transformer_dim\)"):
         hybrid(transformer_dim=6)
@@ -185,7 +188,8 @@ def test_model_config_passes_only_the_settings_a_network_takes():
     extra = count_parameters(build_model("resunet_transformer", base_channels=32)) - count_parameters(
         build_model("resunet", base_channels=32))
     assert extra == 2 * (12 * c * c + 13 * c) + 2 * c
-    assert math.isclose(count_parameters(build_model("resunet_transformer", base_channels=32)) / 1e6, 14.42, abs_tol=0.01)
+    assert math.isclose(count_parameters(build_model("resunet_transformer", base_channels=32)) / 1e6, 14.42,
+                        abs_tol=0.01)
 
 
 def test_a_short_fit_trains_and_predicts(tmp_path):
