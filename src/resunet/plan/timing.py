@@ -43,8 +43,7 @@ def _build(config: TrainConfig, in_channels: int, out_channels: int) -> torch.nn
 
     torch.manual_seed(config.seed)
     return build_model(config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3,
-                       in_channels=in_channels, out_channels=out_channels,
-                       base_channels=config.model.base_channels, depth=config.model.depth)
+                       in_channels=in_channels, out_channels=out_channels, **config.model.build_kwargs())
 
 
 def _sampler(config: TrainConfig, cases: Sequence) -> PatchSampler:

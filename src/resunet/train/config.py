@@ -35,9 +35,25 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["resunet", "unet", "attention_unet"] = Field("resunet", description="network (`resunet models` lists them)")
+    name: Literal["resunet", "unet", "attention_unet", "resunet_transformer"] = Field(
+        "resunet", description="network (`resunet models` lists them)")
     base_channels: int = Field(32, ge=1, description="channels of the first level; doubled per level")
     depth: int = Field(5, ge=2, le=7, description="levels (poolings + 1); patches must be multiples of 2**(depth-1)")
+    transformer_layers: int = Field(2, ge=1, description="resunet_transformer: Transformer blocks at the bottleneck "
+                                    "(ignored by the other networks)")
+    transformer_heads: int = Field(4, ge=1, description="resunet_transformer: attention heads; must divide the token "
+                                   "width (transformer_dim, else base_channels * 2**(depth-1))")
+    transformer_dim: int | None = Field(None, ge=1, description="resunet_transformer: token width (a linear projection "
+                                        "in and out of the bottleneck); None: the bottleneck width, no projection")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """`resunet.nets.build_model` keyword arguments of this network besides the data-given
+        ``spatial_dims`` / ``in_channels`` / ``out_channels``: widths, depth and the model's own
+        settings (`resunet.nets.model_options`: only those the chosen network takes)."""
+        from resunet.nets import model_options
+
+        own = {key: getattr(self, key) for key in model_options(self.name)}
+        return {"base_channels": self.base_channels, "depth": self.depth, **own}
 
 
 class LossConfig(_Strict):

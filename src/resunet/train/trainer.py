@@ -253,7 +253,7 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     num_in = train_cases[0].image.shape[0] * (2 * config.data.context + 1)
     model = build_model(
         config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3, in_channels=num_in,
-        out_channels=out_channels, base_channels=config.model.base_channels, depth=config.model.depth,
+        out_channels=out_channels, **config.model.build_kwargs(),
     ).to(device)
     if config.init_from is not None and not resume:
         report = load_matching_weights(model, load_checkpoint(config.init_from)["state_dict"])
