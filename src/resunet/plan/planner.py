@@ -201,8 +201,8 @@ def plan_dataset(
 class _CandidateSearch:
     """Times candidate networks on the cached cases and keeps the first that fits the budget.
 
-    The cheapest 2-D candidate is timed first (it also decides the precision). Every other
-    candidate gets an optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D
+    The cheapest 2-D candidate is timed first (it decides the 2-D precision and memory format;
+    the first 3-D candidate timed decides the 3-D ones). Every other candidate gets an optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D
     convolutions use the cores better per MAC) and is timed only when even that estimate would
     leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
     """
@@ -213,7 +213,7 @@ class _CandidateSearch:
         self.minutes, self.t0, self.device = minutes, t0, device
         self.in_channels = int(cases[0].image.shape[0])
         self.n_train = fp.num_cases - int(round(fp.num_cases * tree["data"]["val_fraction"]))
-        self.precision: Any = None
+        self.precision: dict[str, Any] = {}  # mode -> StepChoice, measured on its first candidate
         self.timings: list[dict[str, Any]] = []
         self._anchor_seconds, self._anchor_macs = 0.0, 1.0
 
@@ -231,9 +231,11 @@ class _CandidateSearch:
         """Seconds per training step of ``candidate``, timed (the first also chooses the precision)."""
         config = _candidate_config(self.tree, candidate, self.fp, self.n_train, settings=None, epochs=1)
         channels = self.in_channels * (2 * candidate["context"] + 1)
-        if self.precision is None:
-            self.precision = planned_step_settings(config, self.cases, channels, self.out_channels, device=self.device)
-        settings = self.precision.settings
+        mode = candidate["mode"]
+        if mode not in self.precision:  # 2-D and 3-D convolutions gain differently from bf16
+            self.precision[mode] = planned_step_settings(config, self.cases, channels, self.out_channels,
+                                                         device=self.device)
+        settings = self.precision[mode].settings
         seconds = time_training(config, self.cases, channels, self.out_channels, settings=settings,
                                 device=self.device).seconds
         self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "precision": settings.precision,
@@ -300,8 +302,9 @@ def _geometry_choices(candidate: dict[str, Any], search: _CandidateSearch, had_3
         Choice("model.base_channels", candidate["base_channels"],
                (f"widest whose step leaves >= {minimum} steps" if minimum else
                 "no candidate leaves the minimum steps: the cheapest") + f" (timed here: {tried})"),
-        Choice("precision", search.precision.settings.precision, search.precision.reason),
-        Choice("memory_format", search.precision.settings.memory_format, "chosen with the precision"),
+        Choice("precision", search.precision[candidate["mode"]].settings.precision,
+               search.precision[candidate["mode"]].reason),
+        Choice("memory_format", search.precision[candidate["mode"]].settings.memory_format, "chosen with the precision"),
     ]
 
 
@@ -325,7 +328,7 @@ def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], secon
     choices.append(why)
     tree["augment"] = augment
     tree["schedule"]["warmup_iterations"] = max(10, int(0.02 * epochs * per_epoch))
-    return _candidate_config(tree, candidate, fp, search.n_train, settings=search.precision.settings, epochs=epochs,
+    return _candidate_config(tree, candidate, fp, search.n_train, settings=search.precision[candidate["mode"]].settings, epochs=epochs,
                              per_epoch=per_epoch, val_interval=val_interval)
 
 
