@@ -202,9 +202,9 @@ class _CandidateSearch:
     """Times candidate networks on the cached cases and keeps the first that fits the budget.
 
     The cheapest 2-D candidate is timed first (it decides the 2-D precision and memory format;
-    the first 3-D candidate timed decides the 3-D ones). Every other candidate gets an optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D
-    convolutions use the cores better per MAC) and is timed only when even that estimate would
-    leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
+    the first 3-D candidate timed decides the 3-D ones). Every other candidate gets an
+    optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D convolutions use the cores
+    better per MAC) and is timed only when even that estimate would leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
     """
 
     def __init__(self, tree: dict[str, Any], fp: DatasetFingerprint, cases: list, out_channels: int,
