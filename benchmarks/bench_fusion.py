@@ -135,10 +135,13 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
 
 
 def plan_summary(run_dir: Path) -> dict[str, object]:
-    """What the run used: geometry, network, batch, epochs, precision (from its config.yaml / metrics.csv)."""
+    """What the run used: geometry, network, batch, epochs, precision (from its config.yaml,
+    step_settings.json and metrics.csv)."""
     import yaml
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    steps = run_dir / "step_settings.json"
+    chosen = json.loads(steps.read_text()) if steps.is_file() else {}
     stage = cfg["stages"][0]
     epochs_run = len((run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
     return {
@@ -146,7 +149,8 @@ def plan_summary(run_dir: Path) -> dict[str, object]:
         "spacing": cfg["data"]["preprocess"].get("target_spacing"), "patch": stage["patch_size"],
         "batch": stage["batch_size"], "model": f"{cfg['model']['name']} base {cfg['model']['base_channels']} "
         f"depth {cfg['model']['depth']} fusion {cfg['model'].get('fusion', 'early')}",
-        "modality_dropout": cfg["augment"].get("modality_dropout", 0.0), "amp": cfg["amp"],
+        "modality_dropout": cfg["augment"].get("modality_dropout", 0.0),
+        "precision": f"{chosen.get('precision', cfg.get('precision'))} {chosen.get('memory_format', '')}".strip(),
         "epochs": f"{epochs_run} of {sum(s['epochs'] for s in cfg['stages'])} x {stage['iterations_per_epoch']} it",
         "choices": {c["key"]: c["value"] for c in (cfg.get("plan") or {}).get("choices", [])},
     }
@@ -206,13 +210,13 @@ def print_tables(results: dict, args: argparse.Namespace) -> None:
         dice = [r["dice"][c] for c in cases]
         print(f"| {name} | " + " | ".join(f"{d:.4f}" for d in dice) + f" | {np.mean(dice):.4f} | "
               f"{r['train_minutes']:.1f} |")
-    print("\n| run | mode | context | spacing | patch | batch | model | dropout | amp | epochs |")
+    print("\n| run | mode | context | spacing | patch | batch | model | dropout | precision | epochs |")
     print("|---|---|---:|---|---|---:|---|---:|---|---|")
     for name, r in results.items():
         if "plan" in r:
             p = r["plan"]
             print(f"| {name} | {p['mode']} | {p['context']} | {p['spacing']} | {p['patch']} | {p['batch']} | "
-                  f"{p['model']} | {p['modality_dropout']} | {p['amp']} | {p['epochs']} |")
+                  f"{p['model']} | {p['modality_dropout']} | {p['precision']} | {p['epochs']} |")
 
 
 def main() -> None:

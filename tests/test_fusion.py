@@ -37,7 +37,7 @@ def late(name="resunet", dims=2, modalities=2, context=0, base=4, depth=3, out=2
 
 @pytest.mark.parametrize("name, dims, context", [
     ("resunet", 2, 0), ("resunet", 2, 1), ("unet", 2, 2), ("attention_unet", 2, 1),
-    ("resunet", 3, 0), ("unet", 3, 0), ("attention_unet", 3, 0),
+    ("resunet", 3, 0), ("unet", 3, 0), ("attention_unet", 3, 0), ("resunet_transformer", 2, 1),
 ])
 def test_late_fusion_shapes_and_every_branch_gets_gradients(name, dims, context):
     model = late(name, dims, context=context, out=3)

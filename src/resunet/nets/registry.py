@@ -7,6 +7,7 @@ from typing import Any
 from resunet.errors import ModelError
 from resunet.nets.attention_unet import AttentionUNet
 from resunet.nets.encoder_decoder import EncoderDecoder
+from resunet.nets.hybrid import ResUNetTransformer
 from resunet.nets.resunet import ResUNet
 from resunet.nets.unet import UNet
 
@@ -14,7 +15,17 @@ MODELS: dict[str, type[EncoderDecoder]] = {
     "resunet": ResUNet,
     "unet": UNet,
     "attention_unet": AttentionUNet,
+    "resunet_transformer": ResUNetTransformer,
 }
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The keyword arguments model ``name`` takes beyond the shared five (``()`` for most;
+    ``resunet_transformer``: ``transformer_layers``, ``transformer_heads``, ``transformer_dim``)."""
+    cls = MODELS.get(str(name).lower())
+    if cls is None:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return tuple(getattr(cls, "options", ()))
 
 
 def build_model(
@@ -27,43 +38,46 @@ def build_model(
     depth: int = 5,
     modalities: int = 1,
     modality_fusion: str = "early",
+    **extra: Any,
 ) -> EncoderDecoder:
-    """Build a network by name (``"resunet"``, ``"unet"``, ``"attention_unet"``); returns logits.
+    """Build a network by name (a key of `MODELS`); returns logits.
 
-    ``modalities`` / ``modality_fusion``: how many modalities ``in_channels`` hold and how they
-    meet (``"early"``: as channels; ``"late"``: one encoder branch each, `resunet.nets.fusion`).
+    ``modalities`` / ``modality_fusion`` (every network): how many modalities ``in_channels``
+    hold and how they meet (``"early"``: as input channels; ``"late"``: one encoder branch each,
+    `resunet.nets.fusion`). ``extra``: the model's own settings (`model_options`), e.g.
+    ``transformer_layers=2`` for ``resunet_transformer``; a setting the model does not take is a
+    `ModelError`.
     """
-    cls = MODELS.get(str(name).lower())
-    if cls is None:
-        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    options = {}
-    if issubclass(cls, EncoderDecoder):
-        options = {"modalities": modalities, "modality_fusion": modality_fusion}
-    elif modality_fusion != "early":
-        late = ", ".join(k for k, v in MODELS.items() if issubclass(v, EncoderDecoder))
-        raise ModelError(f"model {name!r} has no late modality fusion; use fusion early, or one of {late}")
-    return cls(
+    options = model_options(name)
+    unknown = sorted(set(extra) - set(options))
+    if unknown:
+        takes = f"it takes {', '.join(options)}" if options else "it takes none beyond the shared ones"
+        raise ModelError(f"model {name!r} has no setting {', '.join(unknown)}; {takes}")
+    return MODELS[str(name).lower()](
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
         base_channels=base_channels,
         depth=depth,
-        **options,
+        modalities=modalities,
+        modality_fusion=modality_fusion,
+        **extra,
     )
 
 
 def model_config(model: EncoderDecoder) -> dict[str, Any]:
-    """The keyword arguments that rebuild ``model`` with `build_model` (stored in checkpoints;
-    one written before ``modalities`` / ``modality_fusion`` existed builds with their defaults)."""
+    """The keyword arguments that rebuild ``model`` with `build_model` (stored in checkpoints).
+    ``modalities`` / ``modality_fusion`` are recorded unless both are the defaults (one modality,
+    early), so a config without them (every checkpoint written before they existed) builds those."""
     name = next(k for k, v in MODELS.items() if type(model) is v)
-    config = {
+    fusion = {"modalities": model.modalities, "modality_fusion": model.modality_fusion}
+    return {
         "name": name,
         "spatial_dims": model.spatial_dims,
         "in_channels": model.in_channels,
         "out_channels": model.out_channels,
         "base_channels": model.base_channels,
         "depth": model.depth,
+        **({} if fusion == {"modalities": 1, "modality_fusion": "early"} else fusion),
+        **{key: getattr(model, key) for key in model_options(name)},
     }
-    if isinstance(model, EncoderDecoder):
-        config.update(modalities=model.modalities, modality_fusion=model.modality_fusion)
-    return config

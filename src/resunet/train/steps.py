@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from resunet.hardware import amp_dtype, autocast
+from resunet.hardware import autocast
 from resunet.infer.postprocess import logits_to_labels
 from resunet.infer.predictor import predict_case_logits
 from resunet.metrics import dice_from_counts
@@ -19,17 +19,18 @@ def train_step(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    amp: bool,
+    dtype: torch.dtype | None = None,
     frozen: Sequence[nn.Parameter] = (),
 ) -> float:
     """Forward, loss, backward, optimiser step. ``images`` ``(B, C, *S)``, ``labels`` ``(B, 1, *S)``.
 
-    Parameters in ``frozen`` get no update (their gradients are dropped before the step).
-    Returns the loss as a float.
+    ``dtype``: the autocast dtype of the forward pass (None: fp32; `resunet.train.precision`
+    chooses it). Parameters in ``frozen`` get no update (their gradients are dropped before the
+    step). Returns the loss as a float.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(images.device, amp_dtype(images.device, amp)):
+    with autocast(images.device, dtype):
         logits = model(images)
     loss = loss_fn(logits.float(), labels)
     scaler.scale(loss).backward()
