@@ -52,7 +52,7 @@ LABEL, BRAIN = "OTMultiClass.nii.gz", "brainmask.nii.gz"
 TRAIN, TEST = (1, 2, 3, 4), (5, 6)
 #: ``--fixed``: the config trained instead of a plan (a smoke check below the planner's minimum budget)
 FIXED = ["data.preprocess.modality=mr", "data.mode=2d", "data.context=1", "data.val_fraction=0.25",
-         "model.base_channels=8", "model.depth=4", "val_interval=5",
+         "model.base_channels=8", "model.depth=4", "val_interval=5", "precision=fp32", "memory_format=contiguous",
          "stages=[{patch_size: [64, 64], batch_size: 4, epochs: 100, iterations_per_epoch: 5}]"]
 
 
@@ -185,6 +185,9 @@ def train_and_predict(args: argparse.Namespace, out: Path, roots: dict[str, Path
                 cmd = [*resunet, "train", str(dataset), "--minutes", str(args.minutes), "-o", str(run_dir)]
             cmd += [a for s in sets for a in ("--set", s)]
             seconds = run(cmd, out / f"{slug}_train.log", env)
+            if not (run_dir / "best.pt").is_file():
+                raise SystemExit(f"{name}: the run trained no epoch in {args.minutes:g} min (no best.pt); "
+                                 f"give more --minutes; see {out / f'{slug}_train.log'}")
             (run_dir / "bench_seconds.json").write_text(json.dumps({"seconds": seconds}))
         inputs = {"": name if name in ("T1c", "FLAIR") else "both"}
         if "dropout" in name:

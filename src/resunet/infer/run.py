@@ -223,7 +223,7 @@ def predict_inputs(
         if case.missing:
             names = ", ".join(f"{f} ({spec.channel_name(c)})" for c, f in zip(case.missing, case.missing_files()))
             warnings.warn(f"case {case.case_id}: {names} missing; predicted with that channel zero-filled after "
-                          f"normalisation (the model was trained with modality dropout)", stacklevel=2)
+                          f"normalisation (the model was trained with modality dropout)")
         return images, predictor.prepare(images, case.missing)
 
     with Progress(*columns, console=Console(stderr=True)) as bar, ThreadPoolExecutor(1) as pool:
