@@ -118,10 +118,15 @@ class EncoderDecoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         skips = self.encode(x)
-        x = skips.pop()
+        x = self.bottleneck(skips.pop())
         for i in reversed(range(self.depth - 1)):
             x = self.decoders[i](self.fusions[i](skips[i], self.ups[i](x)))
         return self.head(x)
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest encoder features on their way to the decoder (identity here; the hybrid
+        network applies its Transformer)."""
+        return x
 
     def encoder_parameters(self):
         """Parameters of the encoder path, per-modality branches and their fusion included (for

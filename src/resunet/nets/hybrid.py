@@ -162,11 +162,6 @@ class ResUNetTransformer(ResUNet):
             raise ModelError(f"the token width {self.transformer.width} is below {2 * spatial_dims}, the least a "
                              f"{spatial_dims}-D position code needs; raise base_channels or transformer_dim")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # EncoderDecoder.forward with the Transformer applied to the bottleneck (the deepest level)
-        self.check_input(x)
-        skips = self.encode(x)
-        x = self.transformer(skips.pop())
-        for i in reversed(range(self.depth - 1)):
-            x = self.decoders[i](self.fusions[i](skips[i], self.ups[i](x)))
-        return self.head(x)
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The Transformer stage on the deepest encoder features ``(B, C, *G)``."""
+        return self.transformer(x)
