@@ -159,11 +159,30 @@ def _planned_config(dataset: Path, minutes: float, config: Optional[Path], tree:
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ResunetError("plan first (`resunet plan DATASET -o plan.yaml`), then torchrun ... train --config plan.yaml")
-    result = plan_dataset(dataset, minutes, output_dir=out, started=started)
+    result = plan_dataset(dataset, minutes, output_dir=out, started=started,
+                          semi_supervised=_semi_requested(config, tree))
     console.print(result.table())
     cfg = result.overridden(config, tree)
     result.save_record(cfg.output_dir)
     return cfg
+
+
+def _semi_requested(config: Optional[Path], tree: dict) -> bool:
+    """Do ``--config`` / ``--set`` switch ``semi_supervised.enabled`` on (the plan must know: it then
+    accepts unlabelled images and times the semi-supervised step)?"""
+    import yaml
+
+    from resunet.train.config import merge_trees
+
+    extra = {}
+    if config is not None:
+        try:
+            extra = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            extra = {}  # the plan's own reading of --config reports it
+    merged = merge_trees(extra if isinstance(extra, dict) else {}, tree)
+    semi = merged.get("semi_supervised")
+    return bool(isinstance(semi, dict) and semi.get("enabled"))
 
 
 @app.command()

@@ -3,7 +3,8 @@
 The planner sizes a run from what one step costs HERE: `time_training` builds the candidate's
 model, sampler and augmentation on the real preprocessed cases and times complete iterations
 (batch sampling + augmentation + forward + loss + backward + optimiser step) exactly as the
-trainer runs them. The figure is the MEAN of ``repeats`` iterations after ``warmup`` ones: the
+trainer runs them (with ``semi_supervised.enabled``, the mean-teacher step, the labelled cases standing
+in for the unlabelled ones: the cost depends on the patch and batch sizes only). The figure is the MEAN of ``repeats`` iterations after ``warmup`` ones: the
 augmentation's cost varies from batch to batch (a rotated 3-D batch costs a resampling an
 unrotated one does not), and the fastest of a few was measured 25 % under the epochs' real pace
 (3-D hippocampus: 0.32 s timed, 0.42 s per iteration in the epochs).
@@ -59,6 +60,7 @@ def time_training(
     ``model`` (optional) is deep-copied so several precisions start from the same weights.
     """
     from resunet.nets import build_model
+    from resunet.train.semi_supervised import MeanTeacher
     from resunet.train.steps import train_step
     from resunet.train.trainer import augment_generator, make_batch, make_loss, make_optimizer
 
@@ -77,11 +79,16 @@ def time_training(
                            context=config.data.context, seed=0)
     sampler.reseed(config.seed, 0, 0)
     generator = augment_generator(config.seed, 0)
+    semi = (MeanTeacher(config, model, [(c.image, None) for c in cases], device)
+            if config.semi_supervised.enabled else None)
     times, losses = [], []
-    for _ in range(warmup + repeats):
+    for it in range(warmup + repeats):
         t0 = time.perf_counter()
         images, targets = make_batch(sampler, config.augment, generator, device)
-        losses.append(train_step(model, images, targets, loss_fn, optimizer, scaler, amp))
+        if semi is None:
+            losses.append(train_step(model, images, targets, loss_fn, optimizer, scaler, amp))
+        else:
+            losses.append(semi.step(model, images, targets, loss_fn, optimizer, scaler, amp, (), 0, it))
         times.append(time.perf_counter() - t0)
     return StepTiming(float(np.mean(times[warmup:])), losses, amp)
 
