@@ -326,3 +326,34 @@ def test_resuming_a_supervised_run_as_semi_supervised_is_refused():
     mt = MeanTeacher(cfg, torch.nn.Conv2d(1, 1, 1), [(np.zeros((1, 4, 8, 8), np.float32), None)], "cpu")
     with pytest.raises(ConfigError, match="without semi_supervised"):
         mt.load_state_dict(None, "run/last.pt")
+
+
+def test_the_planner_times_the_semi_supervised_step(dataset, tmp_path, monkeypatch):
+    from resunet.plan.timing import time_training
+
+    info = find_dataset(dataset, unlabelled=True)
+    cases = build_cache(info.training, {"modality": "mr"}, tmp_path / "cache", progress=False).cases()
+    cfg = config_from_dict(semi_config(dataset, tmp_path / "run"))
+    real, iterations = MeanTeacher.step, []
+
+    def counted(self, *args):
+        iterations.append(args[-1])
+        return real(self, *args)
+
+    monkeypatch.setattr(MeanTeacher, "step", counted)
+    timing = time_training(cfg, cases, 1, 1, amp=False, repeats=2, warmup=1)
+    assert iterations == [0, 1, 2] and len(timing.losses) == 3 and np.isfinite(timing.losses).all()
+    cfg.semi_supervised.enabled = False
+    time_training(cfg, cases, 1, 1, amp=False, repeats=2, warmup=1)
+    assert iterations == [0, 1, 2]  # a supervised plan times the plain step
+
+
+def test_the_train_command_tells_the_planner_about_semi_supervised_training(tmp_path):
+    from resunet.cli import _semi_requested
+
+    assert not _semi_requested(None, {})
+    assert _semi_requested(None, {"semi_supervised": {"enabled": True}})
+    yaml_file = tmp_path / "extra.yaml"
+    yaml_file.write_text("semi_supervised:\n  enabled: true\n")
+    assert _semi_requested(yaml_file, {})
+    assert not _semi_requested(yaml_file, {"semi_supervised": {"enabled": False}})  # --set wins

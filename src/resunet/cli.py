@@ -84,11 +84,14 @@ def plan(
     minutes: float = typer.Option(10.0, help="Training budget in minutes (the whole `resunet train` run)."),
     out: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the plan as YAML (for train --config)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="output_dir the plan writes into (default runs/NAME)."),
+    semi_supervised: bool = typer.Option(
+        False, "--semi-supervised", help="Also train on the dataset's unlabelled images (mean teacher; "
+        "see semi_supervised in docs/config.md): timed with the semi-supervised step."),
 ) -> None:
     """Fingerprint a dataset, time candidate networks here and print the training plan with reasons."""
     from resunet.plan import plan_dataset
 
-    result = plan_dataset(dataset, minutes, output_dir=run_dir)
+    result = plan_dataset(dataset, minutes, output_dir=run_dir, semi_supervised=semi_supervised)
     console.print(result.table())
     if out is not None:
         result.write_yaml(out)
