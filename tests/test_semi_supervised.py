@@ -23,6 +23,7 @@ from resunet.errors import ConfigError, InputError
 from resunet.infer.predictor import Predictor
 from resunet.model import load_checkpoint, load_model
 from resunet.train.config import config_from_dict
+from resunet.train.distributed import DistInfo
 from resunet.train.logger import RunLogger
 from resunet.train.semi_supervised import (
     MeanTeacher,
@@ -70,6 +71,15 @@ def make_dataset(root: Path, extra: bool = True, no_label: bool = True) -> Path:
         "channel_names": {"0": "MR"}, "labels": {"background": 0, "square": 1},
         "numTraining": len(LABELLED), "file_ending": ".nii.gz"}))
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These networks are tiny: one thread is as fast, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +187,7 @@ def test_views_share_the_spatial_transform_and_differ_in_intensity():
     again = mt.views(0, 0)
     assert torch.equal(again[0], student) and torch.equal(again[1], teacher)
     assert not torch.equal(mt.views(0, 1)[0], student)
-    other_rank = MeanTeacher(cfg, torch.nn.Conv2d(1, 1, 1), [(image, None)], "cpu", rank=1)
+    other_rank = MeanTeacher(cfg, torch.nn.Conv2d(1, 1, 1), [(image, None)], "cpu", DistInfo(rank=1, world_size=2))
     assert not torch.equal(other_rank.views(0, 0)[0], student)
 
 
@@ -357,3 +367,51 @@ def test_the_train_command_tells_the_planner_about_semi_supervised_training(tmp_
     yaml_file.write_text("semi_supervised:\n  enabled: true\n")
     assert _semi_requested(yaml_file, {})
     assert not _semi_requested(yaml_file, {"semi_supervised": {"enabled": False}})  # --set wins
+
+
+DDP_DRIVER = """
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+import resunet.train.trainer as trainer
+from resunet.train.config import config_from_dict
+
+out = Path(sys.argv[2])
+epochs = trainer._train_epochs
+
+
+def keep_what_each_rank_has(run):  # the teacher and the first unlabelled draw of this rank
+    result = epochs(run)
+    torch.save({"teacher": run.semi.teacher.state_dict(), "view": run.semi.views(0, 0)[0]},
+               out / f"rank{run.dist.rank}.pt")
+    return result
+
+
+trainer._train_epochs = keep_what_each_rank_has
+trainer.fit(config_from_dict(yaml.safe_load(Path(sys.argv[1]).read_text())))
+"""
+
+
+def test_under_ddp_each_rank_draws_its_own_patches_and_the_teachers_agree(dataset, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = semi_config(dataset, tmp_path / "run")
+    cfg["stages"] = cfg["stages"][:1]
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "driver.py").write_text(DDP_DRIVER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "driver.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+    assert not torch.equal(ranks[0]["view"], ranks[1]["view"])
+    for name, tensor in ranks[0]["teacher"].items():
+        assert torch.equal(tensor, ranks[1]["teacher"][name]), name
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["training_state"]["semi_supervised"]["teacher"]
+    assert all(torch.equal(saved[k], v) for k, v in ranks[0]["teacher"].items())

@@ -28,7 +28,10 @@ Exact resume: the unlabelled draws of iteration ``i`` of epoch ``e`` on rank ``r
 generators seeded by ``(seed, e, r, i)`` only, so there is no RNG state to carry: a resumed run
 draws what an uninterrupted one would, and the teacher weights are the only state. DDP: each rank
 draws its own unlabelled patches (seeded with its rank); the teacher is updated on every rank from
-the student the optimiser step has just synchronised, so it stays identical everywhere.
+the student the optimiser step has just synchronised, so its weights stay identical everywhere. The
+student's BatchNorm running statistics are each rank's own after a forward pass (DDP broadcasts
+rank 0's at the start of the next), so after the update the teacher's floating buffers are
+broadcast from rank 0 (the rank whose student is saved).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from resunet.data.sampling import PatchSampler
 from resunet.errors import ConfigError
 from resunet.hardware import amp_dtype, autocast
 from resunet.train.config import StageConfig, TrainConfig
+from resunet.train.distributed import DistInfo, broadcast_from_main
 from resunet.train.stages import stage_for_epoch
 from resunet.train.steps import train_step
 
@@ -155,15 +159,16 @@ class MeanTeacher:
     ``config``: the run's `TrainConfig` (its ``semi_supervised``, ``augment``, ``stages``, ``seed``,
     ``data.context``); ``student``: the model (not its DDP wrapper); ``cases``: unlabelled cases
     (``.image`` ``(C, *spatial)``, ``.label`` None, e.g. cached; or ``(image, None)`` tuples);
-    ``rank``: this process's DDP rank (its own unlabelled draws).
+    ``dist``: this process's place in DDP (its rank seeds its own unlabelled draws).
     """
 
     def __init__(self, config: TrainConfig, student: nn.Module, cases: Sequence[Any],
-                 device: torch.device | str, rank: int = 0, channels_last: bool = False) -> None:
+                 device: torch.device | str, dist: DistInfo = DistInfo(), channels_last: bool = False) -> None:
         if not cases:
             raise ConfigError("semi_supervised.enabled needs unlabelled images (see semi_supervised.enabled in "
                               "docs/config.md for where they go)")
-        self.config, self.cases, self.device, self.rank = config, list(cases), torch.device(device), int(rank)
+        self.config, self.cases, self.device, self.dist = config, list(cases), torch.device(device), dist
+        self.rank = dist.rank
         self.channels_last = channels_last
         self.teacher = copy.deepcopy(student).eval()
         for p in self.teacher.parameters():
@@ -230,6 +235,7 @@ class MeanTeacher:
         loss = train_step(model, images, targets, loss_fn, optimizer, scaler, amp, frozen,
                           extra_images=student_view, extra_loss=self.consistency_term(teacher_view, step, amp))
         ema_update(self.teacher, getattr(model, "module", model), self.settings.ema_decay, step)
+        broadcast_from_main([b for b in self.teacher.buffers() if b.dtype.is_floating_point], self.dist)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -279,7 +279,7 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
                                      enabled=dist_info.is_main),
     )
     if config.semi_supervised.enabled:
-        run.semi = MeanTeacher(config, model, unlabelled, device, dist_info.rank, run.channels_last)
+        run.semi = MeanTeacher(config, model, unlabelled, device, dist_info, run.channels_last)
     if resume:
         _restore(run, load_checkpoint(run.run_dir / "last.pt", map_location=device))
     elif dist_info.is_main:
