@@ -11,11 +11,12 @@ matter / white matter); the 6 ``imagesTr`` slabs (20 x 233 x 197 voxels, 1 mm) a
 cases of both sides. Written once to ``--workdir`` (default: a temporary folder).
 
 Identical on both sides: ``build_model("resunet", spatial_dims=2, in_channels=1, out_channels=3,
-base_channels=--base, depth=5)`` (fp32, contiguous, seeded init), our ``DiceFocalLoss`` with the
+base_channels=--base, depth=5)`` (seeded init), our ``DiceFocalLoss`` with the
 trainer's default settings (dice 0.5 / focal 0.5, alpha 0.7, gamma 2, batch Dice) on the integer
 labels, AdamW (lr 1e-3, weight decay 1e-4) with the trainer's poly LR schedule, and the step itself:
-`resunet.train.steps.train_step` (zero_grad, forward, loss, backward, grad-norm clip 12, step; no
-AMP: the trainer's CPU default), then ``scheduler.step()``. ``torch.set_num_threads(os.cpu_count())``.
+`resunet.train.steps.train_step` (zero_grad, forward, loss, backward, grad-norm clip 12, step),
+then ``scheduler.step()``. ``torch.set_num_threads(os.cpu_count())``. What differs is the
+precision / memory format of the step and where the batch is made.
 Augmentation family, same per-sample probabilities on both sides (the trainer's defaults; elastic
 switched on at 0.2; ``--prob-one``: every transform with probability 1): rotation +-15 degrees
 (p 0.2), isotropic zoom 0.85-1.25 (p 0.2), flip of each in-plane axis (p 0.5 each), elastic
@@ -23,7 +24,16 @@ deformation (p 0.2; ours alpha 2-6 px, sigma 8-12 px; MONAI control-point spacin
 1-3), gamma 0.9-1.1 (p 0.3); labels nearest-neighbour. Our other intensity transforms (brightness,
 contrast, noise) are switched off, since MONAI's pipeline has no counterpart.
 
-Each side runs in its own subprocess (peak RSS of one does not include the other):
+Each child runs in its own subprocess (peak RSS of one does not include the other):
+
+ours        ``resunet train``'s defaults: precision / memory format ``auto`` (the trainer's own
+            `choose_step_settings` on real batches of the benchmark's model: timed, guarded,
+            cached; its choice is printed) and the prefetching `BatchLoader` (1 batch ahead;
+            after each step the child waits until the next batch is made, so the thread's work
+            stays in the child's turn and counts as its data time)
+ours sync   the same without the prefetching thread (the batch made in the loop)
+ours fp32   forced fp32 / contiguous, prefetching: ours' step-time gain from precision alone
+MONAI wW P  MONAI's pipeline with num_workers W, the step in fp32 or under bf16 autocast (P)
 
 ours   (exactly what ``resunet train`` does per iteration, `resunet.train.trainer`)
     setup (timed, reported): `find_dataset` + `build_cache` (preprocess: MR z-score over non-zero
@@ -33,8 +43,7 @@ ours   (exactly what ``resunet train`` does per iteration, `resunet.train.traine
            `augment_generator(seed=0, epoch=0)`.
     iteration: `make_batch` (the trainer's own function: ``sampler.sample()`` -- 16 random axial
            slices read from the memory maps, a third centred on foreground -- then
-           `augment_batch` on the batch, in the main process, no DataLoader: the trainer has none)
-           = "data"; `train_step` + ``scheduler.step()`` = "step".
+           `augment_batch` on the batch, no DataLoader: the trainer has none) = "data"; `train_step` + ``scheduler.step()`` = "step".
 monai  (the usual MONAI way)
     setup (timed, reported): ``CacheDataset`` over the same 6 cases with the deterministic
            transforms cached: LoadImaged, EnsureChannelFirstd("no_channel": without metadata
@@ -114,8 +123,10 @@ class Side:
     """One side in a child process: its batch source plus the (identical) model, loss, optimiser
     and training step."""
 
-    def __init__(self, args, next_batch, setup_s: float, shutdown=None, worker_pids=None) -> None:
+    def __init__(self, args, next_batch, setup_s: float, shutdown=None, worker_pids=None, settings=None,
+                 after_step=None) -> None:
         from resunet.losses import DiceFocalLoss
+        from resunet.train.precision import StepSettings
         from resunet.nets import build_model
         from resunet.train.config import ScheduleConfig, StageConfig
         from resunet.train.stages import lr_factor
@@ -130,7 +141,10 @@ class Side:
         stage = StageConfig(patch_size=[args.size, args.size], batch_size=args.batch, epochs=1,
                             iterations_per_epoch=args.warmup + args.iterations)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(ScheduleConfig(), [stage]))
+        self.settings = settings or StepSettings()
+        self.model = self.settings.apply(self.model)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.after_step = after_step or (lambda: 0.0)  # ours: wait for the prefetched next batch
         self.losses: list[float] = []
 
     def signal_workers(self, sig: int) -> None:
@@ -141,8 +155,8 @@ class Side:
     def step(self, images, labels) -> None:
         from resunet.train.steps import train_step
 
-        self.losses.append(train_step(self.model, images, labels, self.loss_fn, self.optimizer,
-                                      self.scaler, False))
+        self.losses.append(train_step(self.model, self.settings.apply(images), labels, self.loss_fn,
+                                      self.optimizer, self.scaler, self.settings.dtype))
         self.scheduler.step()
 
     def iteration(self) -> dict:
@@ -150,7 +164,9 @@ class Side:
         images, labels = self.next_batch()
         t1 = time.perf_counter()
         self.step(images, labels)
-        return {"data_s": t1 - t0, "step_s": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        waited = self.after_step()
+        return {"data_s": t1 - t0 + waited, "step_s": t2 - t1}
 
     def pipeline(self) -> dict:
         for _ in range(max(2, 2 * self.args.workers)):
@@ -176,7 +192,7 @@ class Side:
         workers_rss = None
         if self.shutdown is not None:
             self.shutdown()  # persistent workers end, so RUSAGE_CHILDREN includes them
-            workers_rss = _peak_rss_mib(resource.RUSAGE_CHILDREN)
+            workers_rss = _peak_rss_mib(resource.RUSAGE_CHILDREN) if self.args.workers else None
         return {"rss_mib": _peak_rss_mib(), "workers_rss_mib": workers_rss,
                 "last_loss": self.losses[-1] if self.losses else None}
 
@@ -213,7 +229,46 @@ def side_ours(args) -> Side:
     sampler.reseed(SEED, 0, 0)
     generator = augment_generator(SEED, 0, 0)
     setup_s = time.perf_counter() - t0
-    return Side(args, lambda: make_batch(sampler, augment, generator, "cpu"), setup_s)
+    settings = _ours_settings(args, index.cases(), augment)
+    make = lambda: make_batch(sampler, augment, generator, "cpu", settings)  # noqa: E731
+    if not args.prefetch:
+        return Side(args, make, setup_s, settings=settings)
+    from resunet.train.loader import BatchLoader
+
+    loader = BatchLoader(make, 10**9, args.prefetch)
+    batches = iter(loader)
+    # after each step: wait until the thread has made the next batch, so its work stays inside
+    # this child's turn (and is counted as this child's data time)
+    return Side(args, lambda: next(batches), setup_s, shutdown=loader.close, settings=settings,
+                after_step=loader.wait_next)
+
+
+def _ours_settings(args, cases, augment):
+    """The trainer's own choice (`choose_step_settings`: timed on real batches, guarded, cached)
+    for the benchmark's model, or the forced ``--precision``; printed to stderr."""
+    from resunet.data.sampling import PatchSampler
+    from resunet.losses import DiceFocalLoss
+    from resunet.nets import build_model
+    from resunet.train.precision import choose_step_settings
+    from resunet.train.trainer import augment_generator, make_batch
+
+    torch.manual_seed(SEED)
+    model = build_model("resunet", spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
+                        base_channels=args.base, depth=5)
+
+    def batches():
+        sampler = PatchSampler(cases, (args.size, args.size), args.batch, foreground_fraction=0.33, seed=0)
+        sampler.reseed(SEED, 99, 0)
+        generator = augment_generator(SEED, 99, 0)
+        return [make_batch(sampler, augment, generator, "cpu") for _ in range(5)]
+
+    forced = args.precision != "auto"
+    choice = choose_step_settings(model, batches, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+                                  DiceFocalLoss(0.5, 0.5, 0.7, 2.0, batch_dice=True),
+                                  precision=args.precision, memory_format="contiguous" if forced else "auto")
+    print(f"ours ({args.precision}): {choice.settings}{' (cached)' if choice.cached else ''}: {choice.reason}",
+          file=sys.stderr)
+    return choice.settings
 
 
 def _monai_transforms(size: int, p: dict[str, float]):
@@ -312,7 +367,10 @@ def side_monai(args) -> Side:
             it._shutdown_workers()
         time.sleep(0.2)
 
-    return Side(args, next_batch, setup_s, shutdown if args.workers else None, worker_pids)
+    from resunet.train.precision import StepSettings
+
+    settings = StepSettings("bf16" if args.precision == "bf16" else "fp32", "contiguous")
+    return Side(args, next_batch, setup_s, shutdown if args.workers else None, worker_pids, settings=settings)
 
 
 def serve(args) -> None:
@@ -349,9 +407,11 @@ def serve(args) -> None:
 class Child:
     """A child process speaking the `serve` protocol."""
 
-    def __init__(self, label: str, side: str, workers: int, args, log_dir: Path) -> None:
+    def __init__(self, label: str, side: str, workers: int, args, log_dir: Path, precision: str = "fp32",
+                 prefetch: int = 0) -> None:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--child", side, "--workers", str(workers),
+            "--precision", precision, "--prefetch", str(prefetch),
             "--dataset", str(args.dataset), "--workdir", str(args.workdir),
             "--iterations", str(args.iterations), "--warmup", str(args.warmup),
             "--data-batches", str(args.data_batches), "--batch", str(args.batch),
@@ -359,7 +419,7 @@ class Child:
         ]
         if args.prob_one:
             cmd.append("--prob-one")
-        self.label, self.side, self.workers = label, side, workers
+        self.label, self.side, self.workers, self.precision, self.prefetch = label, side, workers, precision, prefetch
         self.log = log_dir / f"{label.replace(' ', '_')}.stderr"
         self.worker_pids: list[int] = []
         self._stderr = open(self.log, "w")
@@ -409,6 +469,8 @@ def main() -> None:
                         help="dataset + cache folder to keep between runs (default: temporary)")
     parser.add_argument("--profile", action="store_true", help="profile one of our iterations")
     parser.add_argument("--child", choices=("ours", "monai"), help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--prefetch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -428,14 +490,19 @@ def main() -> None:
         print(machine_line())
         p = probabilities(args.prob_one)
         print(f"MONAI {monai.__version__}; ResUNet 2-D base {args.base}, batch {args.batch} x 1 x "
-              f"{args.size}^2, fp32, AdamW, our DiceFocal on both sides; augmentation p = "
+              f"{args.size}^2, AdamW, our DiceFocal on both sides; augmentation p = "
               + ", ".join(f"{k} {v:g}" for k, v in p.items()))
         print(f"lockstep rounds: {args.warmup} warm-up + {args.iterations} timed (median); pipeline "
               f"alone: {args.data_batches} batches; MNI152 demo slabs (6 training cases)")
         print()
 
-        children = [Child("ours", "ours", 0, args, Path(tmp))]
-        children += [Child(f"MONAI w{w}", "monai", w, args, Path(tmp)) for w in args.workers]
+        # ours as `resunet train` runs by default (precision auto, prefetch 1), ours without the
+        # prefetching thread, ours forced to fp32 (prefetching); MONAI fp32 and under bf16 autocast
+        children = [Child("ours", "ours", 0, args, Path(tmp), "auto", 1),
+                    Child("ours sync", "ours", 0, args, Path(tmp), "auto", 0),
+                    Child("ours fp32", "ours", 0, args, Path(tmp), "fp32", 1)]
+        children += [Child(f"MONAI w{w} {p}", "monai", w, args, Path(tmp), p)
+                     for p in ("fp32", "bf16") for w in args.workers]
         try:
             for r in range(args.warmup + args.iterations):
                 k = r % len(children)
@@ -461,44 +528,43 @@ def main() -> None:
         for c in children:
             iters = [d + s for d, s in zip(c.data, c.step)]
             rows.append({
-                "side": "ours" if c.side == "ours" else "MONAI",
-                "workers": "-" if c.side == "ours" else str(c.workers),
+                "label": c.label, "side": c.side, "precision": c.precision,
                 "samples_per_s": args.batch / statistics.median(iters),
                 "iter_s": statistics.median(iters), "lo": min(iters), "hi": max(iters),
                 "data_s": statistics.median(c.data), "step_s": statistics.median(c.step),
                 "pipeline": args.batch * args.data_batches / pipeline[c.label],
                 "setup_s": c.setup_s, **final[c.label],
             })
-        ours = rows[0]
-        best = max(rows[1:], key=lambda r: r["samples_per_s"])
-        header = (f"{'side':<7}{'workers':>8}{'samples/s':>11}{'s/iter':>8}{'min-max':>13}"
+        ours, ours_sync, ours_fp32 = rows[:3]
+        monai = {p: max((r for r in rows[3:] if r["precision"] == p), key=lambda r: r["samples_per_s"])
+                 for p in ("fp32", "bf16")}
+        header = (f"{'child':<16}{'samples/s':>11}{'s/iter':>8}{'min-max':>13}"
                   f"{'data s':>8}{'step s':>8}{'pipeline samples/s':>20}{'setup s':>9}"
-                  f"{'peak RSS MiB':>14}{'workers RSS':>13}{'ratio':>8}")
+                  f"{'peak RSS MiB':>14}{'workers RSS':>13}{'ours / it':>11}")
         print(header)
         print("-" * len(header))
         for r in rows:
             wrss = "-" if r["workers_rss_mib"] is None else f"{r['workers_rss_mib']:.0f}"
             span = f"{r['lo']:.2f}-{r['hi']:.2f}"
-            print(f"{r['side']:<7}{r['workers']:>8}{r['samples_per_s']:>11.2f}{r['iter_s']:>8.2f}"
+            print(f"{r['label']:<16}{r['samples_per_s']:>11.2f}{r['iter_s']:>8.2f}"
                   f"{span:>13}{r['data_s']:>8.3f}{r['step_s']:>8.2f}"
                   f"{r['pipeline']:>20.1f}{r['setup_s']:>9.2f}{r['rss_mib']:>14.0f}{wrss:>13}"
-                  f"{ours['samples_per_s'] / r['samples_per_s']:>7.2f}x")
-        print("(samples/s: batch / median s per whole iteration; data: batch construction + "
-              "augmentation (ours) or waiting on the loader (MONAI); step: train_step + LR "
-              "scheduler; ratio: ours / that row)")
-        print(f"ours / MONAI (best: num_workers {best['workers']}) = "
-              f"{ours['samples_per_s'] / best['samples_per_s']:.2f}x samples/s; data share of an "
-              f"iteration: ours {ours['data_s'] / ours['iter_s']:.1%}, MONAI "
-              f"{best['data_s'] / best['iter_s']:.1%}")
-        # the step is the same work on both sides, so with one common step time S the data
-        # times alone set the ratio
-        common = statistics.median(r["step_s"] for r in rows)
-        est = (common + best["data_s"]) / (common + ours["data_s"])
-        print(f"with a common step time S = {common:.2f} s (median of the rows' step s): "
-              f"(S + data MONAI) / (S + data ours) = {est:.2f}x (an estimate, not a measurement)")
-        print(f"input pipeline alone: ours / MONAI (num_workers {best['workers']}) = "
-              f"{ours['pipeline'] / best['pipeline']:.1f}x samples/s; ours / best MONAI pipeline "
-              f"= {ours['pipeline'] / max(r['pipeline'] for r in rows[1:]):.1f}x")
+                  f"{ours['samples_per_s'] / r['samples_per_s']:>10.2f}x")
+        print("(samples/s: batch / median s per whole iteration; data: time the step waited for its batch "
+              "(ours: making it, or waiting for the prefetching thread; MONAI: waiting on the loader); "
+              "step: train_step + LR scheduler; ours: `resunet train`'s defaults, precision auto + prefetch 1; "
+              "'ours / it': ours' samples/s over that row's)")
+        for p in ("fp32", "bf16"):
+            m = monai[p]
+            print(f"ours / MONAI {p} (best: {m['label']}) = {ours['samples_per_s'] / m['samples_per_s']:.2f}x samples/s")
+        print(f"ours auto / ours forced fp32: {ours_fp32['step_s'] / ours['step_s']:.2f}x per step, "
+              f"{ours['samples_per_s'] / ours_fp32['samples_per_s']:.2f}x per iteration")
+        print(f"waiting for data, share of an iteration: ours (prefetch) {ours['data_s'] / ours['iter_s']:.1%}, "
+              f"ours without prefetching {ours_sync['data_s'] / ours_sync['iter_s']:.1%} "
+              f"({ours['samples_per_s'] / ours_sync['samples_per_s']:.2f}x samples/s from prefetching); "
+              f"MONAI fp32 {monai['fp32']['data_s'] / monai['fp32']['iter_s']:.1%}")
+        print(f"input pipeline alone: ours / best MONAI = "
+              f"{ours_sync['pipeline'] / max(r['pipeline'] for r in rows[3:]):.1f}x samples/s")
         if profile:
             print()
             print("one of our iterations under torch.profiler (CPU):")

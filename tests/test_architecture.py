@@ -182,7 +182,7 @@ def test_every_config_field_is_documented_with_a_meaning():
     assert len(rows) > 90  # every leaf field, nested sections included
     assert [key for key, _, _, meaning in rows if not meaning] == []
     keys = {key for key, *_ in rows}
-    assert {"data.preprocess.target_spacing", "augment.low_resolution.zoom", "stages.N.patch_size", "amp"} <= keys
+    assert {"data.preprocess.target_spacing", "augment.low_resolution.zoom", "stages.N.patch_size", "precision"} <= keys
 
 
 def test_every_cli_command_is_in_the_reference():

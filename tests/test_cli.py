@@ -16,7 +16,8 @@ def test_version():
 def test_models_table_lists_every_network_with_its_parameters():
     r = run_cli("models", "--size", "64", "--base", "32")
     assert r.returncode == 0, r.stderr
-    for name, params in (("resunet", "8.11"), ("unet", "7.76"), ("attention_unet", "7.85")):
+    for name, params in (("resunet", "8.11"), ("unet", "7.76"), ("attention_unet", "7.85"),
+                         ("resunet_transformer", "14.42")):
         assert name in r.stdout and params in r.stdout
 
 

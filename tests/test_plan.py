@@ -13,7 +13,7 @@ from resunet.data.volume import Volume
 from resunet.errors import InputError
 from resunet.plan import fingerprint_dataset, plan_dataset, rules
 from resunet.plan.fingerprint import modality_from_name, orientation_code
-from resunet.plan.timing import precision_guard
+from resunet.train.precision import precision_guard
 from resunet.train.config import load_config
 
 
@@ -211,7 +211,7 @@ def test_plan_yaml_round_trip_and_cli(tiny_mr, tmp_path, monkeypatch):
     assert config.plan["minutes"] == 6 and config.data.preprocess.reorient
     assert config.data.mode in ("2d", "3d") and config.stages[0].epochs >= 1
     keys = {c["key"] for c in config.plan["choices"]}
-    assert {"data.preprocess.target_spacing", "data.mode", "model.base_channels", "amp", "stages.0.epochs"} <= keys
+    assert {"data.preprocess.target_spacing", "data.mode", "model.base_channels", "precision", "stages.0.epochs"} <= keys
     again = load_config(out)
     assert again == config  # YAML round trip
 
@@ -302,11 +302,13 @@ def test_predict_sees_every_scan_at_the_training_geometry(tmp_path):
 def _fake_speed(monkeypatch, seconds: float):
     from resunet.plan import planner, timing
 
-    def fake(config, cases, in_channels, out_channels, *, amp, **kw):
-        return timing.StepTiming(seconds, [1.0, 0.9, 0.8], amp)
+    from resunet.train.precision import StepChoice, StepSettings
 
-    monkeypatch.setattr(timing, "time_training", fake)
+    def fake(config, cases, in_channels, out_channels, *, settings, **kw):
+        return timing.StepTiming(seconds, [1.0, 0.9, 0.8], settings)
+
     monkeypatch.setattr(planner, "time_training", fake)
+    monkeypatch.setattr(planner, "planned_step_settings", lambda *a, **k: StepChoice(StepSettings(), "fp32 (faked)"))
 
 
 def test_one_case_plans_without_validation_and_a_tiny_budget_says_how_much(tmp_path, monkeypatch):
@@ -323,3 +325,45 @@ def test_one_case_plans_without_validation_and_a_tiny_budget_says_how_much(tmp_p
     with pytest.raises(InputError, match=r"give at least --minutes (\d+)") as err:
         plan_dataset(root, 2, cache_dir=tmp_path / "cache", progress=False)
     assert int(err.value.args[0].rsplit(" ", 1)[1]) >= 25  # 50 steps of 30 s
+
+
+def test_sagittal_anisotropic_data_is_sliced_along_its_coarse_axis(tmp_path, monkeypatch):
+    """x (sagittal) 4 mm, y / z 1 mm: the planner slices 2.5-D along x, the preprocessed arrays
+    put x first, and a prediction comes back on the input's own grid, axes in place."""
+    import torch
+
+    from resunet.data.io import read_volume
+    from resunet.data.preprocess import PreprocessConfig, preprocess_case
+    from resunet.infer.predictor import Predictor
+    from resunet.model import model_from_checkpoint
+    from resunet.nets import build_model, model_config
+
+    fp = _fp(tmp_path, spacing=(1.0, 1.0, 4.0), shape=(20, 24, 8))
+    axis, why = rules.plan_slice_axis(fp)
+    assert axis == 2 and "x (sagittal)" in why.reason
+    moved = fp.with_first_axis(2)
+    assert moved.median_spacing == (4.0, 1.0, 1.0) and moved.cases[0].shape == (8, 20, 24)
+    assert rules.plan_slice_axis(_fp(tmp_path, spacing=(1.0, 1.0, 1.0)))[0] == 0  # isotropic: axial
+    assert rules.plan_slice_axis(_fp(tmp_path, spacing=(5.0, 1.0, 1.0)))[0] == 0  # already first
+    flat = _fp(tmp_path, spacing=(1.0, 1.0, 1.0), shape=(20, 1, 24), channel="T1")
+    assert rules.plan_slice_axis(flat)[0] == 1  # one coronal slice per file
+
+    image = read_volume(next((tmp_path / "D1.0MRI201.0" / "imagesTr").glob("c0_*")))
+    cfg = PreprocessConfig(modality="mr", reorient=True, slice_axis=2, crop_to_nonzero=False,
+                           target_spacing=(4.0, 1.0, 1.0))
+    prepared = preprocess_case([image], None, cfg)
+    assert prepared.image.shape[1:] == (8, 20, 24)
+    torch.manual_seed(0)
+    model = build_model("resunet", spatial_dims=2, in_channels=3, out_channels=2, base_channels=4, depth=3).eval()
+    checkpoint = {"state_dict": model.state_dict(), "model": model_config(model), "preprocess": cfg.model_dump(),
+                  "labels": {"background": 0, "x": 1}, "inference": {"mode": "2d", "context": 1, "patch_size": [24, 24]}}
+    predictor = Predictor(model_from_checkpoint(checkpoint), backend="eager")
+    mask = predictor.predict([image])
+    assert mask.shape == image.shape and mask.spacing == image.spacing
+    assert mask.origin == image.origin and np.array_equal(mask.direction, image.direction)
+    _fake_speed(monkeypatch, 0.05)
+    plan = plan_dataset(tmp_path / "D1.0MRI201.0", 2, cache_dir=tmp_path / "cache", output_dir=tmp_path / "run",
+                        progress=False)
+    assert plan.config.data.preprocess.slice_axis == 2 and plan.config.data.mode == "2d"
+    assert plan.config.data.preprocess.target_spacing == (4.0, 1.0, 1.0)
+    assert plan.config.stages[0].patch_size == [20, 24]  # the (z, y) plane, not (y, x)

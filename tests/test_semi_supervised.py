@@ -24,6 +24,7 @@ from resunet.infer.predictor import Predictor
 from resunet.model import load_checkpoint, load_model
 from resunet.train.config import config_from_dict
 from resunet.train.distributed import DistInfo
+from resunet.train.precision import StepSettings
 from resunet.train.logger import RunLogger
 from resunet.train.semi_supervised import (
     MeanTeacher,
@@ -97,6 +98,7 @@ def semi_config(dataset: Path, out: Path, **semi) -> dict:
                    {"patch_size": [24, 24], "batch_size": 2, "epochs": 1, "iterations_per_epoch": 3}],
         "semi_supervised": {"enabled": True, "rampup_fraction": 0.5, "unlabelled_batch_size": 3, **semi},
         "seed": 1, "deterministic": True, "output_dir": str(out),
+        "precision": "fp32", "memory_format": "contiguous",  # no timed choice: the compared runs must match
     }
 
 
@@ -351,10 +353,10 @@ def test_the_planner_times_the_semi_supervised_step(dataset, tmp_path, monkeypat
         return real(self, *args)
 
     monkeypatch.setattr(MeanTeacher, "step", counted)
-    timing = time_training(cfg, cases, 1, 1, amp=False, repeats=2, warmup=1)
+    timing = time_training(cfg, cases, 1, 1, settings=StepSettings(), repeats=2, warmup=1)
     assert iterations == [0, 1, 2] and len(timing.losses) == 3 and np.isfinite(timing.losses).all()
     cfg.semi_supervised.enabled = False
-    time_training(cfg, cases, 1, 1, amp=False, repeats=2, warmup=1)
+    time_training(cfg, cases, 1, 1, settings=StepSettings(), repeats=2, warmup=1)
     assert iterations == [0, 1, 2]  # a supervised plan times the plain step
 
 

@@ -38,6 +38,9 @@ def tiny_config(dataset: Path, out: Path, **changes) -> dict:
                    {"patch_size": [48, 48], "batch_size": 2, "epochs": 1, "iterations_per_epoch": 6}],
         "seed": 3,
         "deterministic": True,
+        # the runs these tests compare must not depend on what a timing chose (tests/test_precision.py)
+        "precision": "fp32",
+        "memory_format": "contiguous",
         "output_dir": str(out / "run"),
     }
     for key, value in changes.items():
@@ -168,8 +171,13 @@ def test_bad_configs_fail_clearly(tmp_path):
     with pytest.raises(ResunetError, match="not valid YAML"):
         load_config(path)
     path.write_text(yaml.safe_dump(good))
-    cfg = load_config(path, parse_overrides(["stages.1.epochs=7", "amp=true"]))
-    assert cfg.stages[1].epochs == 7 and cfg.amp is True
+    cfg = load_config(path, parse_overrides(["stages.1.epochs=7", "precision=bf16"]))
+    assert cfg.stages[1].epochs == 7 and cfg.precision == "bf16"
+    # a config written before precision / memory_format existed still loads
+    old = {k: v for k, v in good.items() if k not in ("precision", "memory_format")}
+    path.write_text(yaml.safe_dump({**old, "amp": True, "channels_last": False}))
+    legacy = load_config(path)
+    assert legacy.precision == "bf16" and legacy.memory_format == "contiguous"
     with pytest.raises(ResunetError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 

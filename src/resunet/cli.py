@@ -107,8 +107,9 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="Override a key: --set stages.0.epochs=5 (repeatable)."),
     dataset: Optional[Path] = typer.Option(None, help="Shortcut for --set data.dataset=... (no planning)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (output_dir)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16 on CPU, fp16 on GPU); "
-                                       "a planned run measures and chooses."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto (default: the fastest of fp32 / bf16 / fp16 this machine runs whose losses "
+        "track fp32's, measured and cached), fp32, bf16 or fp16 (forced)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Checkpoint to load matching weights from."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
 ) -> None:
@@ -136,7 +137,7 @@ def train(
     if minutes is not None and dataset_arg is None:
         raise ResunetError("--minutes plans a run: give the DATASET folder as the first argument")
     tree = parse_overrides(overrides)
-    for key, value in (("dataset", dataset), ("output_dir", out), ("amp", amp), ("init_from", init_from)):
+    for key, value in (("dataset", dataset), ("output_dir", out), ("precision", precision), ("init_from", init_from)):
         if value is not None:
             target = tree.setdefault("data", {}) if key == "dataset" else tree
             target[key] = str(value) if isinstance(value, Path) else value

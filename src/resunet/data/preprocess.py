@@ -495,6 +495,10 @@ class PreprocessConfig(BaseModel):
     #: permute / flip the array axes first so that they run along the world axes in one convention
     #: (`reorient_to_canonical`): a scan stored sagittally or flipped looks like the training scans.
     reorient: bool = False
+    #: with ``reorient``: the canonical axis (0 z / axial, 1 y / coronal, 2 x / sagittal) moved to
+    #: the front, so a 2-D (2.5-D) network slices along it; ``target_spacing`` is in the new order.
+    #: The planner picks the coarsest axis of anisotropic data (the one-slice axis of 2-D files).
+    slice_axis: int = Field(default=0, ge=0, le=2)
     #: clip every channel to ``(low, high)`` (input units) before normalising (nnU-Net's CT scheme
     #: clips to the 0.5 / 99.5 percentiles of the training foreground, then "fixed").
     intensity_clip: tuple[float, float] | None = None
@@ -679,12 +683,14 @@ def _normalise(image: np.ndarray, cfg: PreprocessConfig, spatial_ndim: int) -> n
     return out
 
 
-def canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
+def canonical_axes(direction: np.ndarray, first_axis: int = 0) -> tuple[list[int], list[bool]]:
     """For a ``(3, 3)`` direction matrix (`Volume` convention): ``axes[t]`` = the array axis that
     becomes axis ``t`` and ``flips[t]`` whether it is reversed, so that the new array axes
     ``(0, 1, 2)`` increase towards LPS ``+z, +y, +x`` (superior, posterior, left), i.e. the new
     direction matrix is the closest to the identity. Oblique axes
-    go to the world axis they are closest to (the assignment maximising the summed |cosines|)."""
+    go to the world axis they are closest to (the assignment maximising the summed |cosines|).
+    ``first_axis`` (0 z, 1 y, 2 x) moves that canonical axis first, the others keeping their
+    order: the axis a 2-D network slices along (``PreprocessConfig.slice_axis``)."""
     import itertools
 
     d = np.asarray(direction, dtype=np.float64)
@@ -697,15 +703,16 @@ def canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
             best, best_score = perm, score
     axes = list(best)
     flips = [bool(vectors[axes[t]][n - 1 - t] < 0) for t in range(n)]
-    return axes, flips
+    order = [first_axis, *(t for t in range(n) if t != first_axis)]
+    return [axes[t] for t in order], [flips[t] for t in order]
 
 
-def reorient_to_canonical(volume: Volume) -> tuple[Volume, list[int], list[bool]]:
+def reorient_to_canonical(volume: Volume, first_axis: int = 0) -> tuple[Volume, list[int], list[bool]]:
     """The same voxels with the array axes permuted / reversed per `canonical_axes` (every voxel
-    keeps its world position; the channel axis, if any, stays first). Returns the new volume,
-    ``axes`` and ``flips`` (for `undo_reorientation`)."""
+    keeps its world position; the channel axis, if any, stays first; ``first_axis`` as there).
+    Returns the new volume, ``axes`` and ``flips`` (for `undo_reorientation`)."""
     n = volume.spatial_ndim
-    axes, flips = canonical_axes(volume.direction)
+    axes, flips = canonical_axes(volume.direction, first_axis)
     if axes == list(range(n)) and not any(flips):
         return volume, axes, flips
     lead = volume.array.ndim - n
@@ -798,9 +805,9 @@ def preprocess_case(
     }
 
     if cfg.reorient and n == 3:
-        image_vol, axes, flips = reorient_to_canonical(image_vol)
+        image_vol, axes, flips = reorient_to_canonical(image_vol, cfg.slice_axis)
         if label_vol is not None:
-            label_vol = reorient_to_canonical(label_vol)[0]
+            label_vol = reorient_to_canonical(label_vol, cfg.slice_axis)[0]
         properties["reorient"] = {"axes": axes, "flips": flips, "shape": [int(s) for s in image_vol.shape],
                                   "spacing": [float(s) for s in image_vol.spacing]}
 

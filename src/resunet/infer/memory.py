@@ -329,6 +329,7 @@ class ModelFootprint:
     reorient: bool
     forward_pixels: int
     per_pixel: float
+    slice_axis: int = 0
 
     @classmethod
     def of(cls, predictor: Any) -> "ModelFootprint":
@@ -346,7 +347,8 @@ class ModelFootprint:
         pre = predictor.preprocess
         target = tuple(float(s) for s in pre.target_spacing) if pre.target_spacing is not None else None
         return cls(int(net.out_channels), str(predictor.mode), int(predictor.context), div, target,
-                   bool(pre.reorient), pixels, forward_bytes_per_pixel(net, net.in_channels, dims, div))
+                   bool(pre.reorient), pixels, forward_bytes_per_pixel(net, net.in_channels, dims, div),
+                   int(pre.slice_axis))
 
     @property
     def fixed_bytes(self) -> int:
@@ -360,7 +362,7 @@ class ModelFootprint:
         shape, spacing = tuple(declared.shape), tuple(declared.spacing)
         n = len(shape)
         if self.reorient and n == 3:
-            axes = canonical_axes(declared.direction)[0]
+            axes = canonical_axes(declared.direction, self.slice_axis)[0]
             shape, spacing = tuple(shape[a] for a in axes), tuple(spacing[a] for a in axes)
         target = shape
         if self.target_spacing is not None and len(self.target_spacing) == n and all(s > 0 for s in spacing):

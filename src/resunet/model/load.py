@@ -43,7 +43,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
         from resunet.nets import build_model
 
         network = build_model(config.pop("name"), **config)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, ModelError) as err:
         raise ModelError(f"{source}: its model config {payload['model']} does not build a network ({err})") from None
     try:
         network.load_state_dict(payload["state_dict"])

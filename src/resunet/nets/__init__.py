@@ -4,7 +4,8 @@ from resunet.nets.attention_unet import AttentionUNet
 from resunet.nets.blocks import AdditiveAttentionGate, DoubleConv, ResidualBlock, SpatialAttention
 from resunet.nets.complexity import count_macs, count_parameters
 from resunet.nets.encoder_decoder import EncoderDecoder
-from resunet.nets.registry import MODELS, build_model, model_config
+from resunet.nets.hybrid import ResUNetTransformer
+from resunet.nets.registry import MODELS, build_model, model_config, model_options
 from resunet.nets.resunet import ResUNet
 from resunet.nets.unet import UNet
 
@@ -15,6 +16,7 @@ __all__ = [
     "EncoderDecoder",
     "MODELS",
     "ResUNet",
+    "ResUNetTransformer",
     "ResidualBlock",
     "SpatialAttention",
     "UNet",
@@ -22,4 +24,5 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "model_config",
+    "model_options",
 ]

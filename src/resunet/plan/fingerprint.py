@@ -135,6 +135,17 @@ class DatasetFingerprint(_Frozen):
     def modalities(self) -> list[str]:
         return [c.modality for c in self.channels]
 
+    def with_first_axis(self, axis: int) -> "DatasetFingerprint":
+        """This fingerprint with spatial axis ``axis`` moved first in every case's shapes and
+        spacing (the others keep their order): the array order `PreprocessConfig.slice_axis`
+        gives the preprocessed cases."""
+        if axis == 0:
+            return self
+        order = [axis, *(t for t in range(self.spatial_ndim) if t != axis)]
+        cases = [c.model_copy(update={key: tuple(getattr(c, key)[t] for t in order)
+                                      for key in ("shape", "spacing", "nonzero_shape")}) for c in self.cases]
+        return self.model_copy(update={"cases": cases})
+
     def median_shape_at(self, spacing: tuple[float, ...]) -> tuple[float, ...]:
         """Median non-zero shape after resampling every case to ``spacing`` (mm, array order)."""
         shapes = [np.asarray(c.nonzero_shape) * np.asarray(c.spacing) / np.asarray(spacing) for c in self.cases]

@@ -31,7 +31,8 @@ from resunet.model.paths import cache_root
 from resunet.plan import rules
 from resunet.plan.fingerprint import DatasetFingerprint, fingerprint_dataset
 from resunet.plan.rules import Choice
-from resunet.plan.timing import choose_precision, time_training
+from resunet.train.precision import StepSettings
+from resunet.plan.timing import planned_step_settings, time_training
 from resunet.train.config import TrainConfig, config_from_dict, dump_config, merge_trees
 
 __all__ = ["DEFAULT_MINUTES", "Plan", "plan_dataset"]
@@ -157,8 +158,13 @@ def plan_dataset(
     out_channels = _label_layout(info, fp)
 
     choices: list[Choice] = []
-    preprocess, why = rules.plan_preprocessing(fp, minutes)
+    slice_axis, why = rules.plan_slice_axis(fp)
+    choices += [why] if why else []
+    planned = fp.with_first_axis(slice_axis)  # the array order the preprocessed cases will have
+    preprocess, why = rules.plan_preprocessing(planned, minutes)
     choices += why
+    if slice_axis:
+        preprocess["slice_axis"] = slice_axis
     val_fraction, why = rules.plan_validation(fp.num_cases)
     choices.append(why)
     foreground, why = rules.plan_foreground_fraction(fp)
@@ -182,10 +188,10 @@ def plan_dataset(
     index = build_cache(info.training + info.unlabelled, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
-    search = _CandidateSearch(tree, fp, cases, out_channels, minutes, t0, device)
-    three_d, two_d, mode_reason = rules.geometry_candidates(fp, preprocess["target_spacing"], minutes)
+    search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device)
+    three_d, two_d, mode_reason = rules.geometry_candidates(planned, preprocess["target_spacing"], minutes)
     candidate, seconds, minimum = search.choose(three_d, two_d)
-    choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, fp, minutes, minimum)
+    choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, planned, minutes, minimum)
     config = _schedule_and_augment(tree, candidate, seconds, search, choices)
     config.max_minutes = round(max(0.1, (minutes * 60.0 - (time.perf_counter() - t0)) / 60.0), 3)
     planning = time.perf_counter() - t0
@@ -202,10 +208,10 @@ def plan_dataset(
 class _CandidateSearch:
     """Times candidate networks on the cached cases and keeps the first that fits the budget.
 
-    The cheapest 2-D candidate is timed first (it also decides the precision). Every other
-    candidate gets an optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D
-    convolutions use the cores better per MAC) and is timed only when even that estimate would
-    leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
+    The cheapest 2-D candidate is timed first (it decides the 2-D precision and memory format;
+    the first 3-D candidate timed decides the 3-D ones). Every other candidate gets an
+    optimistic estimate from it (MAC ratio / OPTIMISM: wider and 3-D convolutions use the cores
+    better per MAC) and is timed only when even that estimate would leave enough steps. 3-D: narrowest first, wider while they fit; 2-D: widest first.
     """
 
     def __init__(self, tree: dict[str, Any], fp: DatasetFingerprint, cases: list, out_channels: int,
@@ -214,7 +220,7 @@ class _CandidateSearch:
         self.minutes, self.t0, self.device = minutes, t0, device
         self.in_channels = int(cases[0].image.shape[0])
         self.n_train = fp.num_cases - int(round(fp.num_cases * tree["data"]["val_fraction"]))
-        self.precision: Any = None
+        self.precision: dict[str, Any] = {}  # mode -> StepChoice, measured on its first candidate
         self.timings: list[dict[str, Any]] = []
         self._anchor_seconds, self._anchor_macs = 0.0, 1.0
 
@@ -230,16 +236,17 @@ class _CandidateSearch:
 
     def measure(self, candidate: dict[str, Any]) -> float:
         """Seconds per training step of ``candidate``, timed (the first also chooses the precision)."""
-        config = _candidate_config(self.tree, candidate, self.fp, self.n_train, amp=False, epochs=1)
+        config = _candidate_config(self.tree, candidate, self.fp, self.n_train, settings=None, epochs=1)
         channels = self.in_channels * (2 * candidate["context"] + 1)
-        if self.precision is None:
-            self.precision = choose_precision(config, self.cases, channels, self.out_channels, device=self.device)
-            seconds = self.precision.bf16_seconds if self.precision.amp else self.precision.fp32_seconds
-        else:
-            config.amp = self.precision.amp
-            seconds = time_training(config, self.cases, channels, self.out_channels, amp=self.precision.amp,
-                                    device=self.device).seconds
-        self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "amp": self.precision.amp})
+        mode = candidate["mode"]
+        if mode not in self.precision:  # 2-D and 3-D convolutions gain differently from bf16
+            self.precision[mode] = planned_step_settings(config, self.cases, channels, self.out_channels,
+                                                         device=self.device)
+        settings = self.precision[mode].settings
+        seconds = time_training(config, self.cases, channels, self.out_channels, settings=settings,
+                                device=self.device).seconds
+        self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "precision": settings.precision,
+                             "memory_format": settings.memory_format})
         return seconds
 
     def _affordable(self, candidate: dict[str, Any], minimum: int) -> float | None:
@@ -302,7 +309,9 @@ def _geometry_choices(candidate: dict[str, Any], search: _CandidateSearch, had_3
         Choice("model.base_channels", candidate["base_channels"],
                (f"widest whose step leaves >= {minimum} steps" if minimum else
                 "no candidate leaves the minimum steps: the cheapest") + f" (timed here: {tried})"),
-        Choice("amp", "bf16" if search.precision.amp else "fp32", search.precision.reason),
+        Choice("precision", search.precision[candidate["mode"]].settings.precision,
+               search.precision[candidate["mode"]].reason),
+        Choice("memory_format", search.precision[candidate["mode"]].settings.memory_format, "chosen with the precision"),
     ]
 
 
@@ -326,7 +335,7 @@ def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], secon
     choices.append(why)
     tree["augment"] = augment
     tree["schedule"]["warmup_iterations"] = max(10, int(0.02 * epochs * per_epoch))
-    return _candidate_config(tree, candidate, fp, search.n_train, amp=search.precision.amp, epochs=epochs,
+    return _candidate_config(tree, candidate, fp, search.n_train, settings=search.precision[candidate["mode"]].settings, epochs=epochs,
                              per_epoch=per_epoch, val_interval=val_interval)
 
 
@@ -356,14 +365,15 @@ def _macs(candidate: dict[str, Any], in_channels: int, out_channels: int) -> flo
 
 
 def _candidate_config(tree: dict[str, Any], candidate: dict[str, Any], fp: DatasetFingerprint, n_train: int,
-                      *, amp: bool, epochs: int, per_epoch: int = rules.ITERATIONS_PER_EPOCH,
+                      *, settings: StepSettings | None, epochs: int, per_epoch: int = rules.ITERATIONS_PER_EPOCH,
                       val_interval: int = 1) -> TrainConfig:
     full = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy of plain data
     full["data"].update(mode=candidate["mode"], context=candidate["context"])
     full["model"] = {"name": "resunet", "base_channels": candidate["base_channels"], "depth": candidate["depth"]}
     full["stages"] = [{"patch_size": candidate["patch_size"], "batch_size": candidate["batch_size"],
                        "epochs": epochs, "iterations_per_epoch": per_epoch}]
-    full["amp"] = amp
+    if settings is not None:  # None: the tree's own (auto unless the user forced one)
+        full["precision"], full["memory_format"] = settings.precision, settings.memory_format
     full["val_interval"] = val_interval
     full.setdefault("augment", rules.plan_augmentation(fp, candidate["mode"], n_train)[0])
     return config_from_dict(full, "the plan")

@@ -34,8 +34,9 @@ batch                  2-D: `PIXELS_PER_BATCH_2D` / patch pixels, clamped to [8,
 width                  the widest of base 32 / 16 / 8 whose timed step still leaves `MIN_STEPS`
                        steps in the budget (training steps buy more Dice than width on a CPU
                        budget: the demo gained +0.005 from 560 to 1120 steps)
-precision              bf16 autocast where it is native and measured faster and its losses track
-                       fp32's (`resunet.plan.timing.choose_precision`), else fp32
+precision, memory      the fastest of fp32 / bf16 (native only) x contiguous / channels-last whose
+format                 losses track fp32's, timed on the cheapest candidate
+                       (`resunet.train.precision.choose_step_settings`, cached per machine)
 loss                   Dice + cross-entropy (nnU-Net's; +0.002 over Dice + focal in the demo)
 optimiser / schedule   AdamW, LR 3e-3, warm-up 2 % of the steps, poly decay to 0 at the last step
 epochs x iterations    as many steps as fit in the budget left after fingerprint, cache, timing
@@ -135,6 +136,28 @@ def _case_spread(means: Sequence[float]) -> float:
     return float(m.std() / centre) if centre > 1e-12 else float("inf")
 
 
+def plan_slice_axis(fp: DatasetFingerprint) -> tuple[int, Choice | None]:
+    """3-D data: the canonical axis (0 z, 1 y, 2 x) moved first, which a 2-D / 2.5-D network
+    slices along (`PreprocessConfig.slice_axis`): the one-slice axis of files holding a single
+    slice; else the coarsest axis of anisotropic data (max / min spacing >= `ANISOTROPY_FOR_2D`:
+    a sagittally acquired scan is sliced sagittally, so each slice is an acquired, sharp image);
+    else 0 (axial)."""
+    if fp.spatial_ndim != 3:
+        return 0, None
+    singleton = [t for t in range(3) if all(c.shape[t] == 1 for c in fp.cases)]
+    names = ("z (axial)", "y (coronal)", "x (sagittal)")
+    if singleton:
+        axis = singleton[0]
+        return axis, Choice("data.preprocess.slice_axis", axis, f"the files hold one slice along {names[axis]}")
+    spacing = fp.median_spacing
+    if max(spacing) / min(spacing) < ANISOTROPY_FOR_2D:
+        return 0, None
+    axis = int(np.argmax(spacing))
+    return axis, Choice("data.preprocess.slice_axis", axis,
+                        f"the coarsest axis, {names[axis]} ({spacing[axis]:.3g} mm vs {min(spacing):.3g} mm): "
+                        "2-D slices are the acquired planes")
+
+
 def plan_preprocessing(fp: DatasetFingerprint, minutes: float) -> tuple[dict[str, Any], list[Choice]]:
     """Target spacing, orientation, cropping and normalisation (a `PreprocessConfig` dict)."""
     n = fp.spatial_ndim
@@ -232,7 +255,7 @@ def geometry_candidates(
         return [], two_d, "2-D images"
     anisotropy = max(spacing) / min(spacing)
     if anisotropy >= ANISOTROPY_FOR_2D:
-        return [], two_d, f"anisotropic spacing ({anisotropy:.1f}x): 2.5-D slices along the first axis"
+        return [], two_d, f"anisotropic spacing ({anisotropy:.1f}x): 2.5-D slices along the coarsest axis"
     voxels = float(np.prod(shape))
     scale = min(1.0, (MAX_3D_VOXELS / voxels) ** (1 / 3))
     target = [s * scale for s in shape]

@@ -35,9 +35,25 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["resunet", "unet", "attention_unet"] = Field("resunet", description="network (`resunet models` lists them)")
+    name: Literal["resunet", "unet", "attention_unet", "resunet_transformer"] = Field(
+        "resunet", description="network (`resunet models` lists them)")
     base_channels: int = Field(32, ge=1, description="channels of the first level; doubled per level")
     depth: int = Field(5, ge=2, le=7, description="levels (poolings + 1); patches must be multiples of 2**(depth-1)")
+    transformer_layers: int = Field(2, ge=1, description="resunet_transformer: Transformer blocks at the bottleneck "
+                                    "(ignored by the other networks)")
+    transformer_heads: int = Field(4, ge=1, description="resunet_transformer: attention heads; must divide the token "
+                                   "width (transformer_dim, else base_channels * 2**(depth-1))")
+    transformer_dim: int | None = Field(None, ge=1, description="resunet_transformer: token width (a linear projection "
+                                        "in and out of the bottleneck); None: the bottleneck width, no projection")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """`resunet.nets.build_model` keyword arguments of this network besides the data-given
+        ``spatial_dims`` / ``in_channels`` / ``out_channels``: widths, depth and the model's own
+        settings (`resunet.nets.model_options`: only those the chosen network takes)."""
+        from resunet.nets import model_options
+
+        own = {key: getattr(self, key) for key in model_options(self.name)}
+        return {"base_channels": self.base_channels, "depth": self.depth, **own}
 
 
 class LossConfig(_Strict):
@@ -111,8 +127,14 @@ class TrainConfig(_Strict):
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     semi_supervised: SemiSupervisedConfig = Field(default_factory=SemiSupervisedConfig)
-    amp: bool = Field(False, description="mixed precision: bf16 autocast on the CPU, fp16 + GradScaler on CUDA")
-    channels_last: bool = Field(False, description="2-D: train in channels-last memory format")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: the fastest of fp32 / bf16 (native bf16 CPUs, CUDA) / fp16 (CUDA) whose losses "
+        "track fp32's, timed on the first batches and cached per machine (`resunet.train.precision`)")
+    memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
+        "auto", description="auto: contiguous or channels-last (channels-last-3d for 3-D), whichever trains faster here")
+    prefetch_batches: int = Field(
+        1, ge=0, le=8, description="batches sampled and augmented in a background thread while the model trains "
+        "(0: in the training loop); the batches are identical either way")
     val_interval: int = Field(1, ge=1, description="validate every N epochs")
     val_batch_size: int = Field(8, ge=1, description="slices / windows per forward pass in validation")
     early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
@@ -129,6 +151,20 @@ class TrainConfig(_Strict):
         None, description="what `resunet plan` chose and why; a planned run that falls behind its pace trains "
         "fewer epochs (LR schedule recomputed) to end within max_minutes"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        """Configs (and checkpoints) written before ``precision`` / ``memory_format`` said
+        ``amp: true|false`` and ``channels_last: true|false``."""
+        if isinstance(data, dict) and ("amp" in data or "channels_last" in data):
+            data = dict(data)
+            if "amp" in data:
+                amp = data.pop("amp")
+                data.setdefault("precision", "bf16" if amp else "fp32")
+            if "channels_last" in data:
+                data.setdefault("memory_format", "channels_last" if data.pop("channels_last") else "contiguous")
+        return data
 
     @model_validator(mode="after")
     def _check_stages(self) -> "TrainConfig":

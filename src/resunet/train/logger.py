@@ -21,7 +21,7 @@ class RunLogger:
         self.columns = (
             ["epoch", "stage", "train_loss", "val_loss", "val_dice_mean"]
             + [f"val_dice_{n}" for n in class_names]
-            + ["lr", "seconds"]
+            + ["lr", "seconds", "data_wait"]
         )
 
     def restore(self, rows: list[dict[str, Any]]) -> None:

@@ -48,9 +48,10 @@ from resunet.data.augment import AugmentConfig, add_gaussian_noise, augment_batc
 from resunet.data.datasets import UNLABELLED_FOLDER, DatasetInfo
 from resunet.data.sampling import PatchSampler
 from resunet.errors import ConfigError
-from resunet.hardware import amp_dtype, autocast
+from resunet.hardware import autocast
 from resunet.train.config import StageConfig, TrainConfig
 from resunet.train.distributed import DistInfo, broadcast_from_main
+from resunet.train.precision import StepSettings
 from resunet.train.stages import stage_for_epoch
 from resunet.train.steps import train_step
 
@@ -159,18 +160,20 @@ class MeanTeacher:
     ``config``: the run's `TrainConfig` (its ``semi_supervised``, ``augment``, ``stages``, ``seed``,
     ``data.context``); ``student``: the model (not its DDP wrapper); ``cases``: unlabelled cases
     (``.image`` ``(C, *spatial)``, ``.label`` None, e.g. cached; or ``(image, None)`` tuples);
-    ``dist``: this process's place in DDP (its rank seeds its own unlabelled draws).
+    ``dist``: this process's place in DDP (its rank seeds its own unlabelled draws); ``settings``:
+    the run's memory format (teacher and views; the precision comes with each `step`).
     """
 
     def __init__(self, config: TrainConfig, student: nn.Module, cases: Sequence[Any],
-                 device: torch.device | str, dist: DistInfo = DistInfo(), channels_last: bool = False) -> None:
+                 device: torch.device | str, dist: DistInfo = DistInfo(),
+                 settings: StepSettings = StepSettings()) -> None:
         if not cases:
             raise ConfigError("semi_supervised.enabled needs unlabelled images (see semi_supervised.enabled in "
                               "docs/config.md for where they go)")
         self.config, self.cases, self.device, self.dist = config, list(cases), torch.device(device), dist
         self.rank = dist.rank
-        self.channels_last = channels_last
-        self.teacher = copy.deepcopy(student).eval()
+        self.format = settings
+        self.teacher = settings.apply(copy.deepcopy(student)).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.spatial, self.intensity = view_configs(config.augment)
@@ -207,15 +210,15 @@ class MeanTeacher:
             view, _ = augment_batch(shared, None, self.intensity, generator)
             if self.settings.view_noise > 0:
                 view = add_gaussian_noise(view, self.settings.view_noise, relative=True, generator=generator)
-            if self.channels_last and view.ndim == 4:
-                view = view.contiguous(memory_format=torch.channels_last)
-            out.append(view)
+            out.append(self.format.apply(view))
         return out[0], out[1]
 
-    def consistency_term(self, teacher_view: torch.Tensor, step: int, amp: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The teacher's prediction of ``teacher_view`` (no gradient) and the weighted consistency
-        loss of the student's logits against it, as the ``extra_loss`` of `train_step`."""
-        with torch.no_grad(), autocast(teacher_view.device, amp_dtype(teacher_view.device, amp)):
+    def consistency_term(self, teacher_view: torch.Tensor, step: int,
+                         dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The teacher's prediction of ``teacher_view`` (no gradient; autocast to ``dtype``, None:
+        fp32) and the weighted consistency loss of the student's logits against it, as the
+        ``extra_loss`` of `train_step`."""
+        with torch.no_grad(), autocast(teacher_view.device, dtype):
             target = self.teacher(teacher_view).float()
         weight, kind = self.weight(step), self.settings.consistency
 
@@ -225,15 +228,15 @@ class MeanTeacher:
         return term
 
     def step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module,
-             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp: bool,
+             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, dtype: torch.dtype | None,
              frozen: Sequence[nn.Parameter], epoch: int, iteration: int) -> float:
         """One semi-supervised training step (module docstring): `train_step` on the labelled batch
-        plus the unlabelled one, then the teacher update. ``model``: the student or its DDP wrapper.
-        Returns the total loss."""
+        plus the unlabelled one, then the teacher update. ``model``: the student or its DDP wrapper;
+        ``dtype``: the run's autocast dtype (None: fp32). Returns the total loss."""
         step = global_iteration(self.config.stages, epoch, iteration)
         student_view, teacher_view = self.views(epoch, iteration)
-        loss = train_step(model, images, targets, loss_fn, optimizer, scaler, amp, frozen,
-                          extra_images=student_view, extra_loss=self.consistency_term(teacher_view, step, amp))
+        loss = train_step(model, images, targets, loss_fn, optimizer, scaler, dtype, frozen,
+                          extra_images=student_view, extra_loss=self.consistency_term(teacher_view, step, dtype))
         ema_update(self.teacher, getattr(model, "module", model), self.settings.ema_decay, step)
         broadcast_from_main([b for b in self.teacher.buffers() if b.dtype.is_floating_point], self.dist)
         return loss

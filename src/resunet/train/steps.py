@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from resunet.hardware import amp_dtype, autocast
+from resunet.hardware import autocast
 from resunet.infer.postprocess import logits_to_labels
 from resunet.infer.predictor import predict_case_logits
 from resunet.metrics import dice_from_counts
@@ -19,21 +19,22 @@ def train_step(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    amp: bool,
+    dtype: torch.dtype | None = None,
     frozen: Sequence[nn.Parameter] = (),
     extra_images: torch.Tensor | None = None,
     extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Forward, loss, backward, optimiser step. ``images`` ``(B, C, *S)``, ``labels`` ``(B, 1, *S)``.
 
-    Parameters in ``frozen`` get no update (their gradients are dropped before the step).
-    ``extra_images`` ``(B', C, *S)`` (semi-supervised: unlabelled patches) go through the same
-    forward pass, after ``images``; ``extra_loss`` turns their float32 logits into a term added to
-    the loss. Returns the loss (the sum) as a float.
+    ``dtype``: the autocast dtype of the forward pass (None: fp32; `resunet.train.precision`
+    chooses it). Parameters in ``frozen`` get no update (their gradients are dropped before the
+    step). ``extra_images`` ``(B', C, *S)`` (semi-supervised: unlabelled patches) go through the
+    same forward pass, after ``images``; ``extra_loss`` turns their float32 logits into a term
+    added to the loss. Returns the loss (the sum) as a float.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(images.device, amp_dtype(images.device, amp)):
+    with autocast(images.device, dtype):
         logits = model(images if extra_images is None else torch.cat([images, extra_images]))
     loss = loss_fn(logits[: len(images)].float(), labels)
     if extra_loss is not None:

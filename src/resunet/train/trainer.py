@@ -20,6 +20,7 @@ student is validated and saved.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -43,13 +44,18 @@ from resunet.model import ModelSpec, cache_root, checkpoint_payload, load_checkp
 from resunet.nets import build_model
 from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from resunet.train.loader import BatchLoader
 from resunet.train.logger import RunLogger
 from resunet.train.semi_supervised import MeanTeacher, unlabelled_summary
+from resunet.train.precision import StepChoice, StepSettings, candidate_settings, choose_step_settings
 from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
 from resunet.train.stages import epochs_that_fit, lr_factor, shrink_last_stages, stage_for_epoch
 from resunet.train.steps import summarize_validation, train_step, validation_counts
 
 console = Console(stderr=True)
+
+#: the precision measurement's batches: an RNG key no epoch uses, and how many (1 warm-up)
+_SELECTION_EPOCH, _SELECTION_STEPS = 1_000_000, 5
 
 
 @dataclass
@@ -97,17 +103,17 @@ def make_batch(
     augment: AugmentConfig | None,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
-    channels_last: bool = False,
+    settings: StepSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch as the loop builds it: ``sampler.sample()`` (drawn from
     ``sampler.rng``), moved to ``device``, `augment_batch` with ``augment`` (an `AugmentConfig`)
-    and ``generator``; ``channels_last`` for 2-D models trained in that memory format.
+    and ``generator``, in the memory format of ``settings`` (default contiguous).
     Returns ``(images (B, C, *patch) float32, labels (B, 1, *patch) int64)``."""
     images, targets = sampler.sample()
     images, targets = images.to(device), targets.to(device)
     images, targets = augment_batch(images, targets, augment, generator)
-    if channels_last and images.ndim == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if settings is not None:
+        images = settings.apply(images)
     return images, targets
 
 
@@ -168,6 +174,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     loss_fn: DiceFocalLoss
     logger: RunLogger
+    step_choice: StepChoice = field(default_factory=lambda: StepChoice(StepSettings(), "not chosen yet"))
     best: float | None = None
     bad_validations: int = 0
     start_epoch: int = 0
@@ -175,6 +182,8 @@ class _Run:
     resumed_losses: list[float] = field(default_factory=list)
     epochs_run: int = 0
     semi: MeanTeacher | None = None  # semi_supervised.enabled: the teacher and the unlabelled draws
+    selection_seconds: float = 0.0  # spent choosing the precision / memory format
+    data_wait_seconds: float = 0.0  # the last epoch's time blocked on batches
 
     @property
     def run_dir(self) -> Path:
@@ -185,8 +194,9 @@ class _Run:
         return [n for n, v in self.labels.items() if v != 0]
 
     @property
-    def channels_last(self) -> bool:
-        return self.config.channels_last and self.config.data.mode == "2d"
+    def settings(self) -> StepSettings:
+        """The precision and memory format every training step uses (`resunet.train.precision`)."""
+        return self.step_choice.settings
 
     def payload(self, stage: StageConfig, epoch: int, row: dict[str, Any], state: bool) -> dict[str, Any]:
         """The checkpoint after ``epoch`` epochs: weights, `ModelSpec`, run record (+ training state)."""
@@ -205,6 +215,7 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng_torch": torch.get_rng_state(),
                 "best": self.best, "bad_validations": self.bad_validations,
+                "step_settings": self.step_choice.to_dict(),
             }
             if self.semi is not None:
                 record["training_state"]["semi_supervised"] = self.semi.state_dict()
@@ -262,10 +273,8 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     num_in = train_cases[0].image.shape[0] * (2 * config.data.context + 1)
     model = build_model(
         config.model.name, spatial_dims=2 if config.data.mode == "2d" else 3, in_channels=num_in,
-        out_channels=out_channels, base_channels=config.model.base_channels, depth=config.model.depth,
+        out_channels=out_channels, **config.model.build_kwargs(),
     ).to(device)
-    if config.channels_last and config.data.mode == "2d":
-        model = model.to(memory_format=torch.channels_last)
     if config.init_from is not None and not resume:
         report = load_matching_weights(model, load_checkpoint(config.init_from)["state_dict"])
         if dist_info.is_main:
@@ -274,23 +283,68 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     run = _Run(
         config, device, dist_info, stop, labels, out_channels, train_cases, val_cases, model, model, optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.stages)),
-        torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda"),
+        torch.amp.GradScaler(device.type, enabled=False),
         make_loss(config), RunLogger(Path(config.output_dir), [n for n, v in labels.items() if v != 0],
                                      enabled=dist_info.is_main),
     )
-    if config.semi_supervised.enabled:
-        run.semi = MeanTeacher(config, model, unlabelled, device, dist_info, run.channels_last)
-    if resume:
-        _restore(run, load_checkpoint(run.run_dir / "last.pt", map_location=device))
+    ckpt = load_checkpoint(run.run_dir / "last.pt", map_location=device) if resume else None
+    _settle_step_settings(run, ckpt)
+    if config.semi_supervised.enabled:  # after the settings: the teacher gets the model's memory format
+        run.semi = MeanTeacher(config, run.model, unlabelled, device, dist_info, run.settings)
+    if ckpt is not None:
+        _restore(run, ckpt)
     elif dist_info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(run.run_dir / "config.yaml") as tmp:
             Path(tmp).write_text(dump_config(config))
     if dist_info.enabled:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
     return run
+
+
+def _settle_step_settings(run: _Run, ckpt: dict[str, Any] | None) -> None:
+    """The run's precision and memory format: a resumed run's own (from ``last.pt``), else
+    `choose_step_settings` on the first stage's real batches (rank 0 decides for every rank).
+    Applied to the model and the grad scaler, printed, written to ``<run>/step_settings.json``."""
+    config, device = run.config, run.device
+    saved = (ckpt or {}).get("training_state", {}).get("step_settings")
+    if saved is not None:
+        run.step_choice = StepChoice.from_dict({**saved, "reason": f"kept from the run's start: {saved['reason']}"})
+    else:
+        t0 = time.perf_counter()
+        choice = _measured_step_choice(run) if run.dist.is_main else None
+        options = candidate_settings(device, config.precision, config.memory_format)
+        index = torch.tensor([float(options.index(choice.settings)) if choice else 0.0])
+        settings = options[int(all_reduce_sum(index, run.dist)[0])]
+        run.step_choice = choice if choice is not None else StepChoice(settings, "chosen by rank 0")
+        run.selection_seconds = time.perf_counter() - t0
+    run.model = run.settings.apply(run.model)
+    run.train_model = run.model
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.settings.uses_scaler)
+    if run.dist.is_main:
+        choice = run.step_choice
+        console.print(f"training precision {choice.settings}{' (cached)' if choice.cached else ''}: {choice.reason}")
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run.run_dir / "step_settings.json") as tmp:
+            Path(tmp).write_text(json.dumps(choice.to_dict(), indent=1))
+
+
+def _measured_step_choice(run: _Run) -> StepChoice:
+    """`choose_step_settings` for the run's model on batches of its first stage, drawn from RNGs
+    of their own (the epochs' draws are untouched)."""
+    config, stage = run.config, run.config.stages[0]
+
+    def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = PatchSampler(run.train_cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
+                               context=config.data.context, seed=0)
+        sampler.reseed(config.seed, _SELECTION_EPOCH, 0)
+        generator = augment_generator(config.seed, _SELECTION_EPOCH)
+        return [make_batch(sampler, config.augment, generator, run.device) for _ in range(_SELECTION_STEPS)]
+
+    return choose_step_settings(run.model, batches, lambda m: make_optimizer(m, config), run.loss_fn,
+                                precision=config.precision, memory_format=config.memory_format)
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
@@ -314,7 +368,8 @@ def _train_epochs(run: _Run) -> bool:
     early stopping ended it."""
     config, dist_info = run.config, run.dist
     stage_index, sampler = -1, None
-    t_start, epoch_seconds = time.perf_counter(), 0.0
+    # the precision measurement counts against the budget like an epoch does
+    t_start, epoch_seconds = time.perf_counter() - run.selection_seconds, 0.0
     t_first_end = t_start
     run.stop.install()
     epoch = run.start_epoch - 1
@@ -372,23 +427,26 @@ def _train_epoch(run: _Run, epoch: int, idx: int, stage: StageConfig, sampler: P
             f"batch {stage.batch_size})", total=stage.iterations_per_epoch, loss=0.0, speed=0.0,
         )
         t_iter = time.perf_counter()
-        for it in range(stage.iterations_per_epoch):
-            if it >= skip and run.stop.agreed(dist_info):  # a signal: every rank stops here
-                stopped_at = it
-                break
-            images, targets = make_batch(sampler, config.augment, generator, run.device, run.channels_last)
-            if it < skip:  # resumed mid-epoch: replay the draws only, these were trained on
-                bar.update(task, advance=1)
-                continue
-            if run.semi is None:
-                losses.append(train_step(run.train_model, images, targets, run.loss_fn, run.optimizer, run.scaler,
-                                         config.amp, frozen))
-            else:  # mean teacher: + the consistency loss on unlabelled patches, then the teacher update
-                losses.append(run.semi.step(run.train_model, images, targets, run.loss_fn, run.optimizer,
-                                            run.scaler, config.amp, frozen, epoch, it))
-            run.scheduler.step()
-            bar.update(task, advance=1, loss=float(np.mean(losses[-20:])),
-                       speed=(it + 1) / (time.perf_counter() - t_iter))
+        loader = BatchLoader(lambda: make_batch(sampler, config.augment, generator, run.device, run.settings),
+                             stage.iterations_per_epoch, config.prefetch_batches)
+        with loader:
+            for it, (images, targets) in enumerate(loader):
+                if it >= skip and run.stop.agreed(dist_info):  # a signal: every rank stops here
+                    stopped_at = it
+                    break
+                if it < skip:  # resumed mid-epoch: replay the draws only, these were trained on
+                    bar.update(task, advance=1)
+                    continue
+                if run.semi is None:
+                    losses.append(train_step(run.train_model, images, targets, run.loss_fn, run.optimizer,
+                                             run.scaler, run.settings.dtype, frozen))
+                else:  # mean teacher: + the consistency loss on unlabelled patches, then the teacher update
+                    losses.append(run.semi.step(run.train_model, images, targets, run.loss_fn, run.optimizer,
+                                                run.scaler, run.settings.dtype, frozen, epoch, it))
+                run.scheduler.step()
+                bar.update(task, advance=1, loss=float(np.mean(losses[-20:])),
+                           speed=(it + 1) / (time.perf_counter() - t_iter))
+        run.data_wait_seconds = loader.wait_seconds
     if stopped_at is not None:
         rows = run.logger.rows
         _save_and_stop(run.stop, dist_info, run.run_dir, epoch, stopped_at, losses, config,
@@ -403,7 +461,7 @@ def _validate(run: _Run, stage: StageConfig) -> dict[str, float]:
     counts = validation_counts(
         run.model, mine, run.loss_fn, classes, run.device, mode=run.config.data.mode,
         context=run.config.data.context, divisor=run.model.divisor, batch_size=run.config.val_batch_size,
-        amp=run.config.amp, patch_size=stage.patch_size,
+        amp=run.settings.dtype is not None, patch_size=stage.patch_size,
     )
     val_loss, dice = summarize_validation(all_reduce_sum(counts, run.dist), classes)
     return {"val_loss": val_loss, "val_dice_mean": float(np.mean(dice)),
@@ -417,7 +475,9 @@ def _end_epoch(run: _Run, epoch: int, idx: int, stage: StageConfig, losses: list
     mean = torch.tensor([np.mean(losses)], dtype=torch.float64)
     train_loss = float(all_reduce_sum(mean, dist_info)[0]) / dist_info.world_size
     row: dict[str, Any] = {"epoch": epoch + 1, "stage": idx + 1, "train_loss": train_loss,
-                           "lr": run.optimizer.param_groups[0]["lr"]}
+                           "lr": run.optimizer.param_groups[0]["lr"],
+                           # share of the epoch's training time spent waiting for batches
+                           "data_wait": round(run.data_wait_seconds / max(seconds, 1e-9), 4)}
     improved = False
     if run.val_cases and ((epoch + 1) % config.val_interval == 0 or epoch + 1 == config.total_epochs):
         t0 = time.perf_counter()
