@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,9 +39,20 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _machine import machine_line  # noqa: E402
-from bench_hippocampus import DEFAULT_DATA, make_split, run, score  # noqa: E402
+from bench_hippocampus import DEFAULT_DATA, make_split, score  # noqa: E402
+from bench_hippocampus import run as _run  # noqa: E402
 
 RUNS = {"a": "20 labelled", "b": "20 labelled + unlabelled (mean teacher)", "c": "all labelled"}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """`bench_hippocampus.run` (seconds of ``cmd``, output to ``log``); a failure ends the benchmark
+    with the end of the log (e.g. the planner saying the budget is too small)."""
+    try:
+        return _run(cmd, log)
+    except subprocess.CalledProcessError:
+        tail = [line for line in log.read_text(errors="replace").splitlines() if "━" not in line][-5:]
+        raise SystemExit(f"{' '.join(cmd[2:4])} failed (log {log}):\n" + "\n".join(tail)) from None
 
 
 def _case_id(path: str) -> str:

@@ -49,7 +49,7 @@ from resunet.data.datasets import UNLABELLED_FOLDER, DatasetInfo
 from resunet.data.sampling import PatchSampler
 from resunet.errors import ConfigError
 from resunet.hardware import autocast
-from resunet.train.config import StageConfig, TrainConfig
+from resunet.train.config import SemiSupervisedConfig, StageConfig, TrainConfig
 from resunet.train.distributed import DistInfo, broadcast_from_main
 from resunet.train.precision import StepSettings
 from resunet.train.stages import stage_for_epoch
@@ -180,16 +180,17 @@ class MeanTeacher:
         self._samplers: dict[tuple, PatchSampler] = {}
 
     @property
-    def settings(self):
+    def options(self) -> SemiSupervisedConfig:
+        """The run's ``semi_supervised`` section."""
         return self.config.semi_supervised
 
     def weight(self, step: int) -> float:
         """The consistency weight at global step ``step`` (ramp over the current stages' iterations)."""
         total = sum(s.epochs * s.iterations_per_epoch for s in self.config.stages)
-        return self.settings.consistency_weight * sigmoid_rampup(step, self.settings.rampup_fraction * total)
+        return self.options.consistency_weight * sigmoid_rampup(step, self.options.rampup_fraction * total)
 
     def _sampler(self, stage: StageConfig) -> PatchSampler:
-        batch = self.settings.unlabelled_batch_size or stage.batch_size
+        batch = self.options.unlabelled_batch_size or stage.batch_size
         key = (tuple(stage.patch_size), batch)
         if key not in self._samplers:
             self._samplers[key] = PatchSampler(self.cases, stage.patch_size, batch, 0.0,
@@ -208,8 +209,8 @@ class MeanTeacher:
         out = []
         for _ in range(2):
             view, _ = augment_batch(shared, None, self.intensity, generator)
-            if self.settings.view_noise > 0:
-                view = add_gaussian_noise(view, self.settings.view_noise, relative=True, generator=generator)
+            if self.options.view_noise > 0:
+                view = add_gaussian_noise(view, self.options.view_noise, relative=True, generator=generator)
             out.append(self.format.apply(view))
         return out[0], out[1]
 
@@ -220,7 +221,7 @@ class MeanTeacher:
         ``extra_loss`` of `train_step`."""
         with torch.no_grad(), autocast(teacher_view.device, dtype):
             target = self.teacher(teacher_view).float()
-        weight, kind = self.weight(step), self.settings.consistency
+        weight, kind = self.weight(step), self.options.consistency
 
         def term(student_logits: torch.Tensor) -> torch.Tensor:
             return weight * consistency_loss(student_logits, target, kind)
@@ -237,7 +238,7 @@ class MeanTeacher:
         student_view, teacher_view = self.views(epoch, iteration)
         loss = train_step(model, images, targets, loss_fn, optimizer, scaler, dtype, frozen,
                           extra_images=student_view, extra_loss=self.consistency_term(teacher_view, step, dtype))
-        ema_update(self.teacher, getattr(model, "module", model), self.settings.ema_decay, step)
+        ema_update(self.teacher, getattr(model, "module", model), self.options.ema_decay, step)
         broadcast_from_main([b for b in self.teacher.buffers() if b.dtype.is_floating_point], self.dist)
         return loss
 
