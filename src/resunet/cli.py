@@ -84,11 +84,14 @@ def plan(
     minutes: float = typer.Option(10.0, help="Training budget in minutes (the whole `resunet train` run)."),
     out: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the plan as YAML (for train --config)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="output_dir the plan writes into (default runs/NAME)."),
+    semi_supervised: bool = typer.Option(
+        False, "--semi-supervised", help="Also train on the dataset's unlabelled images (mean teacher; "
+        "see semi_supervised in docs/config.md): timed with the semi-supervised step."),
 ) -> None:
     """Fingerprint a dataset, time candidate networks here and print the training plan with reasons."""
     from resunet.plan import plan_dataset
 
-    result = plan_dataset(dataset, minutes, output_dir=run_dir)
+    result = plan_dataset(dataset, minutes, output_dir=run_dir, semi_supervised=semi_supervised)
     console.print(result.table())
     if out is not None:
         result.write_yaml(out)
@@ -160,11 +163,30 @@ def _planned_config(dataset: Path, minutes: float, config: Optional[Path], tree:
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ResunetError("plan first (`resunet plan DATASET -o plan.yaml`), then torchrun ... train --config plan.yaml")
-    result = plan_dataset(dataset, minutes, output_dir=out, started=started)
+    result = plan_dataset(dataset, minutes, output_dir=out, started=started,
+                          semi_supervised=_semi_requested(config, tree))
     console.print(result.table())
     cfg = result.overridden(config, tree)
     result.save_record(cfg.output_dir)
     return cfg
+
+
+def _semi_requested(config: Optional[Path], tree: dict) -> bool:
+    """Do ``--config`` / ``--set`` switch ``semi_supervised.enabled`` on (the plan must know: it then
+    accepts unlabelled images and times the semi-supervised step)?"""
+    import yaml
+
+    from resunet.train.config import merge_trees
+
+    extra = {}
+    if config is not None:
+        try:
+            extra = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            extra = {}  # the plan's own reading of --config reports it
+    merged = merge_trees(extra if isinstance(extra, dict) else {}, tree)
+    semi = merged.get("semi_supervised")
+    return bool(isinstance(semi, dict) and semi.get("enabled"))
 
 
 @app.command()

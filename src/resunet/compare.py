@@ -31,7 +31,7 @@ console = Console()
 
 def held_out_cases(config: TrainConfig) -> list[tuple[str, list[Path], Path]]:
     """``(case id, image files, label file)`` of the cases every model is evaluated on."""
-    info = find_dataset(config.data.dataset)
+    info = find_dataset(config.data.dataset, unlabelled=config.semi_supervised.enabled)
     labels_ts = Path(info.root) / "labelsTs"
     cases = []
     for case in info.test:

@@ -24,6 +24,18 @@ Three layouts are recognised by `find_dataset`:
 and lists every expected file in the cases, present or not. `validate_dataset` then checks the
 files (cheaply, headers only, except for label values) and raises ONE `InputError` that lists
 every problem.
+
+Unlabelled images (semi-supervised training, ``find_dataset(root, unlabelled=True)``)
+    A training image without a label is an error unless the caller asks for unlabelled images;
+    then it moves from `DatasetInfo.training` to `DatasetInfo.unlabelled`, with the images of an
+    optional ``imagesUnlabelled/`` folder. Per layout: ``nnunet``, images in ``imagesTr/`` whose
+    ``labelsTr/CASE<ending>`` is missing, plus ``imagesUnlabelled/CASE_0000<ending>`` ... (the
+    channel naming of ``imagesTr/``); ``msd``, ``training`` entries without ``"label"`` (or whose
+    label file is missing), plus ``imagesUnlabelled/*.nii.gz`` (one file per case, every channel
+    in it, as ``imagesTr/``); ``images_masks``, pictures in ``images/`` without a mask. An
+    unlabelled case is never in ``training`` (so never in a training or validation split), and
+    its case id must differ from every labelled one (the preprocessed cache is keyed by id).
+    ``numTraining`` may count either the labelled cases only (nnU-Net's meaning) or all of them.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ __all__ = [
     "Case",
     "DatasetInfo",
     "LAYOUTS",
+    "UNLABELLED_FOLDER",
     "find_dataset",
     "load_case",
     "read_label",
@@ -66,8 +79,8 @@ class Case:
 
     ``images``: nnU-Net layout, one file per channel in channel order; MSD and image/mask
     layouts, one file holding every channel. Paths are where the files are expected, whether or
-    not they exist (`validate_dataset` checks). ``label`` is ``None`` for test cases and for
-    training images whose mask could not be found.
+    not they exist (`validate_dataset` checks). ``label`` is ``None`` for test and unlabelled
+    cases and for training images whose mask (or MSD ``"label"`` entry) could not be found.
     """
 
     case_id: str
@@ -81,6 +94,9 @@ class DatasetInfo:
 
     ``labels`` maps label name -> integer value, background 0. ``file_ending`` is the image file
     ending (``.nii.gz``, ``.png`` ...). ``problems`` lists what discovery already found wrong.
+    ``unlabelled``: image-only cases, filled only by ``find_dataset(root, unlabelled=True)``;
+    ``unlabelled_sources`` counts them per origin (e.g. ``{"imagesTr without label": 3,
+    "imagesUnlabelled/": 10}``).
     """
 
     root: Path
@@ -92,6 +108,8 @@ class DatasetInfo:
     test: list[Case]
     dataset_json: Path | None = None
     problems: list[str] = field(default_factory=list)
+    unlabelled: list[Case] = field(default_factory=list)
+    unlabelled_sources: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_channels(self) -> int:
@@ -298,7 +316,7 @@ def _find_nnunet(root: Path, js: Path, data: dict[str, Any]) -> DatasetInfo:
     if "numTraining" in data:
         if isinstance(num, bool) or not isinstance(num, int):
             problems.append(f"{js}: 'numTraining' must be an integer, got {num!r}")
-        elif num != len(training):
+        elif num not in (len(training), sum(c.label.exists() for c in training)):
             problems.append(
                 f"{js}: numTraining is {num} but imagesTr holds {len(training)} case(s); fix "
                 "numTraining or add the missing cases"
@@ -356,6 +374,9 @@ def _find_msd(root: Path, js: Path, data: dict[str, Any]) -> DatasetInfo:
     for i, entry in enumerate(entries):
         image = _msd_path(root, entry.get("image")) if isinstance(entry, dict) else None
         label = _msd_path(root, entry.get("label")) if isinstance(entry, dict) else None
+        if image is not None and isinstance(entry, dict) and entry.get("label") is None:
+            training.append(Case(_msd_case_id(image), [image], None))  # unlabelled, or a problem
+            continue
         if image is None or label is None:
             problems.append(
                 f"{js}: training[{i}] must be {{\"image\": \"./imagesTr/X.nii.gz\", \"label\": "
@@ -376,10 +397,11 @@ def _find_msd(root: Path, js: Path, data: dict[str, Any]) -> DatasetInfo:
             continue
         test.append(Case(_msd_case_id(image), [image], None))
     num = data.get("numTraining")
-    if isinstance(num, int) and not isinstance(num, bool) and num != len(training):
+    if isinstance(num, int) and not isinstance(num, bool) and \
+            num not in (len(training), sum(c.label is not None for c in training)):
         problems.append(f"{js}: numTraining is {num} but 'training' lists {len(training)} case(s)")
 
-    listed_labels = {c.label for c in training}
+    listed_labels = {c.label for c in training if c.label is not None}
     listed_images = {p for c in training + test for p in c.images}
     for p in _visible_files(root / "labelsTr"):
         if p.resolve() not in listed_labels:
@@ -441,17 +463,61 @@ def _find_images_masks(root: Path, data: dict[str, Any] | None, js: Path | None)
     return DatasetInfo(root, "images_masks", channel_names, labels, ending, training, [], js, problems)
 
 
+# --------------------------------------------------------------------------- unlabelled images
+
+UNLABELLED_FOLDER = "imagesUnlabelled"
+
+
+def _unlabelled_folder_cases(info: DatasetInfo) -> list[Case]:
+    """The cases of ``imagesUnlabelled/``: nnU-Net channel files, or one file per case (MSD)."""
+    folder = info.root / UNLABELLED_FOLDER
+    if not folder.is_dir() or info.layout == "images_masks":
+        return []
+    if info.layout == "nnunet":
+        found = _nnunet_cases(folder, info.file_ending, info.num_channels, info.root, info.problems)
+        n_files = _files_per_case(found, info.num_channels) if found else info.num_channels
+        return [Case(cid, [folder / f"{cid}_{c:04d}{info.file_ending}" for c in range(n_files)], None)
+                for cid in sorted(found)]
+    cases = []
+    for p in _visible_files(folder):
+        if not p.name.lower().endswith((".nii.gz", ".nii")):
+            info.problems.append(f"{_rel(p, info.root)}: not a NIfTI image (.nii.gz / .nii)")
+            continue
+        cases.append(Case(_msd_case_id(p), [p.resolve()], None))
+    return cases
+
+
+def _collect_unlabelled(info: DatasetInfo) -> None:
+    """Move training images without a label to ``info.unlabelled``; add ``imagesUnlabelled/``."""
+    labelled = [c for c in info.training if c.label is not None and c.label.exists()]
+    moved = [c for c in info.training if c.label is None or not c.label.exists()]
+    extra = _unlabelled_folder_cases(info)
+    where = {"nnunet": "imagesTr", "msd": "training entries", "images_masks": "images/"}[info.layout]
+    info.training = labelled
+    info.unlabelled = [Case(c.case_id, c.images, None) for c in moved] + extra
+    info.unlabelled_sources = {f"{where} without label": len(moved), f"{UNLABELLED_FOLDER}/": len(extra)}
+
+
 # --------------------------------------------------------------------------- discovery
 
 
-def find_dataset(root: str | os.PathLike[str]) -> DatasetInfo:
+def find_dataset(root: str | os.PathLike[str], *, unlabelled: bool = False) -> DatasetInfo:
     """Detect the layout of the dataset at ``root`` and list its cases.
 
-    Raises `InputError` only when nothing can be discovered (missing folder, unreadable or
-    invalid ``dataset.json``, unknown layout); other problems go to ``DatasetInfo.problems``
-    (`validate_dataset` reports them).
+    ``unlabelled`` (semi-supervised training): training images without a label, and the images
+    of ``imagesUnlabelled/``, go to ``DatasetInfo.unlabelled`` instead of being problems (module
+    docstring). Raises `InputError` only when nothing can be discovered (missing folder,
+    unreadable or invalid ``dataset.json``, unknown layout); other problems go to
+    ``DatasetInfo.problems`` (`validate_dataset` reports them).
     """
-    root = Path(root)
+    info = _find_layout(Path(root))
+    if unlabelled:
+        _collect_unlabelled(info)
+    return info
+
+
+def _find_layout(root: Path) -> DatasetInfo:
+    """`find_dataset` without the unlabelled images: the layout's own discovery."""
     if not root.is_dir():
         raise InputError(
             f"dataset folder {root} does not exist or is not a folder; check the path (training config: "
@@ -558,14 +624,14 @@ def _case_problems(info: DatasetInfo, case: Case, labelled: bool, check_geometry
 
 def _label_header(info: DatasetInfo, case: Case, problems: list[str]) -> ImageHeader | None:
     """The header of a training case's label, or None with the problem recorded."""
+    hint = "; add it, or enable semi_supervised to train on the image as unlabelled"
     if case.label is None:
-        problems.append(
-            f"case {case.case_id}: image without label ({_rel(case.images[0], info.root)} "
-            f"has no mask in masks/ with the same stem)"
-        )
+        why = ("has no mask in masks/ with the same stem" if info.layout == "images_masks"
+               else "has no 'label' in dataset.json 'training'")
+        problems.append(f"case {case.case_id}: image without label ({_rel(case.images[0], info.root)} {why}){hint}")
         return None
     if not case.label.exists():
-        problems.append(f"case {case.case_id}: image without label ({_rel(case.label, info.root)} is missing)")
+        problems.append(f"case {case.case_id}: image without label ({_rel(case.label, info.root)} is missing){hint}")
         return None
     return _header_or_problem(case.label, "label", case, info.root, problems)
 
@@ -594,12 +660,18 @@ def validate_dataset(
     files), missing channel files, images without label, unreadable headers, channel counts,
     shape and geometry (spacing, origin, direction) agreement between channels and label
     (``check_geometry``), and label values against ``info.labels`` (``check_label_values``,
-    which reads the label arrays; everything else reads headers only).
+    which reads the label arrays; everything else reads headers only). Unlabelled cases are
+    checked as images only, and their ids must not repeat a labelled case's.
     """
     problems = list(info.problems)
     root = info.root
     with_alpha: list[Path] = []
-    for split, cases in (("training", info.training), ("test", info.test)):
+    labelled_ids = {c.case_id for c in info.training}
+    for case in info.unlabelled:
+        if case.case_id in labelled_ids:
+            problems.append(f"case {case.case_id}: an unlabelled image ({_rel(case.images[0], root)}) has the id of a "
+                            "labelled case; rename one of them")
+    for split, cases in (("training", info.training), ("test", info.test), ("unlabelled", info.unlabelled)):
         for case in cases:
             problems += _case_problems(info, case, split == "training", check_geometry, check_label_values,
                                        with_alpha)

@@ -238,11 +238,19 @@ def sample_patch_centres(
 class _SamplerCase:
     __slots__ = ("image", "label", "locations", "name")
 
-    def __init__(self, image: np.ndarray, label: np.ndarray, locations: Any, name: str) -> None:
+    def __init__(self, image: np.ndarray, label: np.ndarray | None, locations: Any, name: str) -> None:
         self.image = image
         self.label = label
         self.locations = locations
         self.name = name
+
+    @property
+    def grid(self) -> np.ndarray:
+        """The label, or for an unlabelled case a zero-memory stand-in of its spatial shape (the
+        placements of a uniform patch depend on the shape only)."""
+        if self.label is not None:
+            return self.label
+        return np.broadcast_to(np.zeros((), np.uint8), self.image.shape[1:])
 
 
 class PatchSampler:
@@ -261,6 +269,11 @@ class PatchSampler:
 
     Output: torch tensors (``float32`` images, ``int64`` labels) when ``as_tensor`` else numpy
     (``float32`` / ``int16``). Iterating yields batches forever.
+
+    Unlabelled cases (``.label`` None, semi-supervised training): every case must be unlabelled
+    and ``foreground_fraction`` 0 (there is no foreground to oversample), images must have their
+    channel axis; patches are placed uniformly, with the same draws as a labelled sampler's
+    uniform patches, and the labels of a batch are ``None``.
     """
 
     def __init__(
@@ -293,6 +306,12 @@ class PatchSampler:
         self._cases = [self._wrap(c, i) for i, c in enumerate(cases)]
         if not self._cases:
             raise InputError("PatchSampler needs at least one case")
+        kinds = {c.label is not None for c in self._cases}
+        if len(kinds) != 1:
+            raise InputError("PatchSampler got labelled and unlabelled cases; give it one kind (two samplers)")
+        self.labelled = kinds.pop()
+        if not self.labelled and self.foreground_fraction > 0:
+            raise ConfigError("unlabelled cases have no foreground to oversample; use foreground_fraction=0")
         channels = {c.image.shape[0] for c in self._cases}
         if len(channels) != 1:
             raise InputError(f"cases have different channel counts: {sorted(channels)}")
@@ -309,7 +328,7 @@ class PatchSampler:
             locations = getattr(case, "class_locations", None)
             name = str(getattr(case, "case_id", f"#{i}"))
         if label is None:
-            raise InputError(f"case {name} has no label; the patch sampler needs labels")
+            return self._wrap_unlabelled(image, name)
         if image.ndim == label.ndim:  # no channel axis
             image = image[None]
         if image.shape[1:] != label.shape:
@@ -329,13 +348,24 @@ class PatchSampler:
                 }
         return _SamplerCase(image, label, locations, name)
 
+    def _wrap_unlabelled(self, image: np.ndarray, name: str) -> _SamplerCase:
+        """An image-only case ``(C, D, H, W)`` / ``(C, H, W)`` (a 2-D case gets a slice axis in 2-D mode)."""
+        spatial = image.ndim - 1
+        if spatial not in (2, 3):
+            raise InputError(f"unlabelled case {name}: image of shape {image.shape} must be (C, D, H, W) or (C, H, W)")
+        if self.mode == "3d" and spatial != 3:
+            raise InputError(f"case {name} is 2-D (shape {image.shape}); 3-D patches need 3-D cases")
+        if self.mode == "2d" and spatial == 2:
+            image = image[:, None]
+        return _SamplerCase(image, None, None, name)
+
     def _locations(self, case: _SamplerCase) -> Mapping[int, np.ndarray]:
         if case.locations is None:
             case.locations = foreground_locations(np.asarray(case.label), rng=0)
         return case.locations
 
     def sample(self) -> tuple[Any, Any]:
-        """One batch: ``(images (B, C', *patch), labels (B, 1, *patch))``."""
+        """One batch: ``(images (B, C', *patch), labels (B, 1, *patch))`` (labels None: unlabelled cases)."""
         b = self.batch_size
         n_fg = _n_foreground(b, self.foreground_fraction, self.rng)
         forced = np.zeros(b, dtype=bool)
@@ -343,12 +373,12 @@ class PatchSampler:
         which = self.rng.integers(len(self._cases), size=b)
         ps = self.patch_size
         images = np.empty((b, self.in_channels, *ps), dtype=np.float32)
-        labels = np.empty((b, 1, *ps), dtype=np.int16)
+        labels = np.empty((b, 1, *ps), dtype=np.int16) if self.labelled else None
         for i in range(b):
             case = self._cases[int(which[i])]
             grid_patch = ps if self.mode == "3d" else (1, *ps)
             centre = sample_patch_centres(
-                case.label,
+                case.grid,
                 grid_patch,
                 1,
                 foreground_fraction=1.0 if forced[i] else 0.0,
@@ -357,18 +387,20 @@ class PatchSampler:
             )[0]
             if self.mode == "3d":
                 images[i] = crop_patch(case.image, centre, ps)
-                labels[i, 0] = crop_patch(case.label, centre, ps)
+                if self.labelled:
+                    labels[i, 0] = crop_patch(case.label, centre, ps)
             else:
                 z = int(centre[0])
-                zz = context_indices(np.array([z]), case.label.shape[0], self.context)[0]
+                zz = context_indices(np.array([z]), case.grid.shape[0], self.context)[0]
                 # the in-plane patch of the 2k+1 slices (C, 2k+1, *ps), read by basic slicing, then
                 # stacked by the one function inference uses too (so the channel order is the same)
                 around = np.stack([crop_patch(case.image[:, int(zj)], centre[1:], ps) for zj in zz], axis=1)
                 images[i] = stack_context(around, [self.context], self.context)[0]
-                labels[i, 0] = crop_patch(case.label[z], centre[1:], ps)
+                if self.labelled:
+                    labels[i, 0] = crop_patch(case.label[z], centre[1:], ps)
+        if not self.labelled:
+            return (torch.from_numpy(images) if self.as_tensor else images), None
         if self.as_tensor:
-            import torch
-
             return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
         return images, labels
 

@@ -140,14 +140,17 @@ def plan_dataset(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    semi_supervised: bool = False,
 ) -> Plan:
     """Plan a training run on ``dataset`` that fits ``minutes`` (the whole command, from
-    ``started``, a `time.perf_counter` value; default now) on this machine."""
+    ``started``, a `time.perf_counter` value; default now) on this machine. ``semi_supervised``:
+    the run also trains on the dataset's unlabelled images (mean teacher): they are allowed (not
+    problems), and the candidates are timed with the semi-supervised step."""
 
     t0 = time.perf_counter() if started is None else started
     if not minutes > 0:
         raise InputError(f"the budget must be positive minutes, got {minutes}")
-    info = find_dataset(dataset)
+    info = find_dataset(dataset, unlabelled=semi_supervised)
     validate_dataset(info)
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
     fp = fingerprint_dataset(info, cache, progress=progress)
@@ -176,9 +179,13 @@ def plan_dataset(
         "output_dir": str(output_dir or Path("runs") / Path(info.root).name),
     }
     choices.append(Choice("loss", "Dice + CE", "nnU-Net's loss; +0.002 Dice over Dice + focal in the demo"))
+    if semi_supervised:
+        tree["semi_supervised"] = {"enabled": True}
+        choices.append(Choice("semi_supervised", "mean teacher", f"{len(info.unlabelled)} unlabelled case(s); "
+                              "the candidates are timed with the semi-supervised step"))
 
-    # the cache: built now with the planned preprocessing (training reuses it)
-    index = build_cache(info.training, PreprocessConfig.model_validate(preprocess), cache,
+    # the cache: built now with the planned preprocessing (training reuses it; unlabelled images too)
+    index = build_cache(info.training + info.unlabelled, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
     search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device)

@@ -3,8 +3,9 @@
 The planner sizes a run from what one step costs HERE: `time_training` builds the candidate's
 model, sampler and augmentation on the real preprocessed cases and times complete iterations
 (batch sampling + augmentation + forward + loss + backward + optimiser step) exactly as the
-trainer runs them. The figure is the MEAN of ``repeats`` iterations after ``warmup`` ones: the
-augmentation's cost varies from batch to batch (a rotated 3-D batch costs a resampling an
+trainer runs them (with ``semi_supervised.enabled``, the mean-teacher step, the labelled cases
+standing in for the unlabelled ones: the cost depends on the patch and batch sizes only). The
+figure is the MEAN of ``repeats`` iterations after ``warmup`` ones: the augmentation's cost varies from batch to batch (a rotated 3-D batch costs a resampling an
 unrotated one does not), and the fastest of a few was measured 25 % under the epochs' real pace
 (3-D hippocampus: 0.32 s timed, 0.42 s per iteration in the epochs).
 
@@ -68,6 +69,7 @@ def time_training(
     the trainer runs them: batches from `BatchLoader` (prefetching as ``config.prefetch_batches``
     says), steps in ``settings``' precision and memory format. Seconds between consecutive steps."""
     from resunet.train.loader import BatchLoader
+    from resunet.train.semi_supervised import MeanTeacher
     from resunet.train.steps import train_step
     from resunet.train.trainer import augment_generator, make_batch, make_loss, make_optimizer
 
@@ -76,12 +78,17 @@ def time_training(
     optimizer, loss_fn = make_optimizer(model, config), make_loss(config)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.uses_scaler)
     sampler, generator = _sampler(config, cases), augment_generator(config.seed, 0)
+    semi = (MeanTeacher(config, model, [(c.image, None) for c in cases], device, settings=settings)
+            if config.semi_supervised.enabled else None)
     times, losses = [], []
     t0 = time.perf_counter()
     with BatchLoader(lambda: make_batch(sampler, config.augment, generator, device, settings),
                      warmup + repeats, config.prefetch_batches) as loader:
-        for images, targets in loader:
-            losses.append(train_step(model, images, targets, loss_fn, optimizer, scaler, settings.dtype))
+        for it, (images, targets) in enumerate(loader):
+            if semi is None:
+                losses.append(train_step(model, images, targets, loss_fn, optimizer, scaler, settings.dtype))
+            else:
+                losses.append(semi.step(model, images, targets, loss_fn, optimizer, scaler, settings.dtype, (), 0, it))
             now = time.perf_counter()
             times.append(now - t0)
             t0 = now

@@ -90,6 +90,29 @@ class StageConfig(_Strict):
     lr_scale: float = Field(1.0, gt=0.0, description="multiplies optimizer.lr during this stage")
 
 
+class SemiSupervisedConfig(_Strict):
+    """Mean teacher on unlabelled images (`resunet.train.semi_supervised`): an EMA teacher of the
+    student, and a consistency loss between their predictions on two views of the same patch."""
+
+    enabled: bool = Field(
+        False, description="also train on unlabelled images: nnU-Net imagesTr/ images without a labelsTr/ file, "
+        "imagesUnlabelled/ (channel files named as in imagesTr/; MSD: one file per case), MSD 'training' entries "
+        "without 'label', images/ pictures without a mask; never used as labelled (training or validation)")
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="teacher = d * teacher + (1 - d) * student after "
+                             "every step (d = min(ema_decay, 1 - 1 / (step + 1)): the teacher starts as the student)")
+    consistency: Literal["mse", "kl"] = Field(
+        "mse", description="mse: squared difference of the class probabilities (summed over classes, mean over "
+        "voxels); kl: KL divergence of the student's probabilities from the teacher's, mean over voxels")
+    consistency_weight: float = Field(1.0, ge=0.0, description="weight of the consistency loss after the ramp-up "
+                                      "(added to the supervised Dice + focal loss)")
+    rampup_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of all iterations over which the "
+                                   "consistency weight rises from 0 along a sigmoid (exp(-5 (1 - t)^2), rescaled)")
+    unlabelled_batch_size: int | None = Field(None, ge=1, description="unlabelled patches per iteration; None: the "
+                                              "stage's batch_size (they share the student's forward pass)")
+    view_noise: float = Field(0.1, ge=0.0, description="Gaussian noise added to each view, independently, as a "
+                              "fraction of each patch's intensity std (on top of augment's intensity transforms)")
+
+
 class TrainConfig(_Strict):
     """A whole training run: data, network, loss, optimiser, schedule, stages, augmentation, run settings."""
 
@@ -106,6 +129,7 @@ class TrainConfig(_Strict):
         min_length=1,
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    semi_supervised: SemiSupervisedConfig = Field(default_factory=SemiSupervisedConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: the fastest of fp32 / bf16 (native bf16 CPUs, CUDA) / fp16 (CUDA) whose losses "
         "track fp32's, timed on the first batches and cached per machine (`resunet.train.precision`)")

@@ -46,6 +46,19 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def broadcast_from_main(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite ``tensors`` (IN PLACE, one dtype) with rank 0's values: one flat broadcast;
+    nothing in a single process."""
+    if not info.enabled or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

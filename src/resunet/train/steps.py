@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,18 +21,24 @@ def train_step(
     scaler: torch.amp.GradScaler,
     dtype: torch.dtype | None = None,
     frozen: Sequence[nn.Parameter] = (),
+    extra_images: torch.Tensor | None = None,
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Forward, loss, backward, optimiser step. ``images`` ``(B, C, *S)``, ``labels`` ``(B, 1, *S)``.
 
     ``dtype``: the autocast dtype of the forward pass (None: fp32; `resunet.train.precision`
     chooses it). Parameters in ``frozen`` get no update (their gradients are dropped before the
-    step). Returns the loss as a float.
+    step). ``extra_images`` ``(B', C, *S)`` (semi-supervised: unlabelled patches) go through the
+    same forward pass, after ``images``; ``extra_loss`` turns their float32 logits into a term
+    added to the loss. Returns the loss (the sum) as a float.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(images.device, dtype):
-        logits = model(images)
-    loss = loss_fn(logits.float(), labels)
+        logits = model(images if extra_images is None else torch.cat([images, extra_images]))
+    loss = loss_fn(logits[: len(images)].float(), labels)
+    if extra_loss is not None:
+        loss = loss + extra_loss(logits[len(images):].float())
     scaler.scale(loss).backward()
     for p in frozen:
         p.grad = None

@@ -12,6 +12,10 @@ and augmentation draws up to the stop (without training on them) and continues, 
 weights equal an uninterrupted run's (deterministic CPU). A signal arriving during validation or
 the end-of-epoch save is acted on at the next iteration boundary; one arriving after the last
 iteration of the last epoch lets the run finish normally.
+
+``semi_supervised.enabled``: the unlabelled images join the cache and every step is a mean-teacher
+step (`resunet.train.semi_supervised`); the teacher is in ``last.pt``'s training state, the
+student is validated and saved.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from resunet.train.loader import BatchLoader
 from resunet.train.logger import RunLogger
+from resunet.train.semi_supervised import MeanTeacher, unlabelled_summary
 from resunet.train.precision import StepChoice, StepSettings, candidate_settings, choose_step_settings
 from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
 from resunet.train.stages import epochs_that_fit, lr_factor, shrink_last_stages, stage_for_epoch
@@ -62,10 +67,15 @@ class FitResult:
 
 
 def split_cases(info: DatasetInfo, config: TrainConfig) -> tuple[list[str], list[str]]:
-    """Training and validation case ids: explicit ``val_cases`` or a seeded ``val_fraction``."""
+    """Training and validation case ids: explicit ``val_cases`` or a seeded ``val_fraction``, both
+    from the labelled ``info.training`` only (``info.unlabelled`` never enters either)."""
     ids = [c.case_id for c in info.training]
     if config.data.val_cases:
         unknown = sorted(set(config.data.val_cases) - set(ids))
+        unlabelled = sorted(set(unknown) & {c.case_id for c in info.unlabelled})
+        if unlabelled:
+            raise ConfigError(f"data.val_cases names unlabelled cases of {info.root}: {unlabelled}; a validation "
+                              "case needs a label")
         if unknown:
             raise ConfigError(f"data.val_cases names cases not in {info.root}: {unknown}")
         val = [i for i in ids if i in set(config.data.val_cases)]
@@ -172,6 +182,7 @@ class _Run:
     start_iteration: int = 0  # resumed mid-epoch: iterations of ``start_epoch`` already trained
     resumed_losses: list[float] = field(default_factory=list)
     epochs_run: int = 0
+    semi: MeanTeacher | None = None  # semi_supervised.enabled: the teacher and the unlabelled draws
     selection_seconds: float = 0.0  # spent choosing the precision / memory format
     data_wait_seconds: float = 0.0  # the last epoch's time blocked on batches
     channel_names: list[str] = field(default_factory=list)  # the dataset's, one per modality
@@ -209,6 +220,8 @@ class _Run:
                 "best": self.best, "bad_validations": self.bad_validations,
                 "step_settings": self.step_choice.to_dict(),
             }
+            if self.semi is not None:
+                record["training_state"]["semi_supervised"] = self.semi.state_dict()
         return checkpoint_payload(spec, self.model.state_dict(), **record)
 
 
@@ -229,10 +242,16 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     return FitResult(run_dir, run.epochs_run, run.best, stopped_early)
 
 
-def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int], int, list, list, list[str]]:
-    """Labels, output channels, the cached training / validation cases (rank 0 builds the cache)
-    and the dataset's channel names."""
-    info = find_dataset(config.data.dataset)
+def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int], int, list, list, list, list[str]]:
+    """Labels, output channels, the cached training / validation / unlabelled cases (rank 0
+    builds the cache; unlabelled cases only with ``semi_supervised.enabled``) and the dataset's
+    channel names."""
+    semi = config.semi_supervised.enabled
+    info = find_dataset(config.data.dataset, unlabelled=semi)
+    if semi:
+        summary = unlabelled_summary(info)  # ConfigError on every rank when there are none
+        if dist_info.is_main:
+            console.print(summary)
     validate_dataset(info)
     labels, out_channels = label_layout(info)
     train_ids, val_ids = split_cases(info, config)
@@ -241,20 +260,20 @@ def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int
     def label_reader(path: Path):
         return read_label(path, info)
 
+    cases = info.training + info.unlabelled
     if dist_info.is_main:
-        index = build_cache(info.training, config.data.preprocess, cache_dir, label_reader=label_reader)
+        index = build_cache(cases, config.data.preprocess, cache_dir, label_reader=label_reader)
     barrier(dist_info)
     if not dist_info.is_main:
-        index = build_cache(info.training, config.data.preprocess, cache_dir, progress=False,
-                            label_reader=label_reader)
+        index = build_cache(cases, config.data.preprocess, cache_dir, progress=False, label_reader=label_reader)
     return (labels, out_channels, [index.load(i) for i in train_ids], [index.load(i) for i in val_ids],
-            list(info.channel_names))
+            [index.load(c.case_id) for c in info.unlabelled], list(info.channel_names))
 
 
 def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop: StopRequest,
            resume: bool) -> _Run:
     """Data, model, optimiser, schedule, logger; the saved state when resuming, else the config written."""
-    labels, out_channels, train_cases, val_cases, channel_names = _load_cases(config, dist_info)
+    labels, out_channels, train_cases, val_cases, unlabelled, channel_names = _load_cases(config, dist_info)
     num_in = train_cases[0].image.shape[0] * (2 * config.data.context + 1)
     model = make_model(config, num_in, out_channels).to(device)
     if config.init_from is not None and not resume:
@@ -271,6 +290,8 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     )
     ckpt = load_checkpoint(run.run_dir / "last.pt", map_location=device) if resume else None
     _settle_step_settings(run, ckpt)
+    if config.semi_supervised.enabled:  # after the settings: the teacher gets the model's memory format
+        run.semi = MeanTeacher(config, run.model, unlabelled, device, dist_info, run.settings)
     if ckpt is not None:
         _restore(run, ckpt)
     elif dist_info.is_main:
@@ -339,6 +360,8 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
     # stopped by a signal mid-epoch: iterations of epoch `start_epoch` already done, their losses
     run.start_iteration, run.resumed_losses = int(state.get("iteration", 0)), list(state.get("epoch_losses", []))
     run.logger.restore(ckpt["history"])
+    if run.semi is not None:
+        run.semi.load_state_dict(state.get("semi_supervised"), str(run.run_dir / "last.pt"))
 
 
 def _train_epochs(run: _Run) -> bool:
@@ -415,8 +438,12 @@ def _train_epoch(run: _Run, epoch: int, idx: int, stage: StageConfig, sampler: P
                 if it < skip:  # resumed mid-epoch: replay the draws only, these were trained on
                     bar.update(task, advance=1)
                     continue
-                losses.append(train_step(run.train_model, images, targets, run.loss_fn, run.optimizer, run.scaler,
-                                         run.settings.dtype, frozen))
+                if run.semi is None:
+                    losses.append(train_step(run.train_model, images, targets, run.loss_fn, run.optimizer,
+                                             run.scaler, run.settings.dtype, frozen))
+                else:  # mean teacher: + the consistency loss on unlabelled patches, then the teacher update
+                    losses.append(run.semi.step(run.train_model, images, targets, run.loss_fn, run.optimizer,
+                                                run.scaler, run.settings.dtype, frozen, epoch, it))
                 run.scheduler.step()
                 bar.update(task, advance=1, loss=float(np.mean(losses[-20:])),
                            speed=(it + 1) / (time.perf_counter() - t_iter))
