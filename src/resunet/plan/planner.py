@@ -234,15 +234,21 @@ class _CandidateSearch:
         left = self.minutes * 60.0 * (1 - SAFETY) - (time.perf_counter() - self.t0)
         return left / seconds
 
-    def measure(self, candidate: dict[str, Any]) -> float:
-        """Seconds per training step of ``candidate``, timed (the first also chooses the precision)."""
+    def settings_for(self, mode: str) -> Any:
+        """The `StepChoice` of ``mode``: its own, else the first mode's (until it gets its own)."""
+        return self.precision.get(mode) or next(iter(self.precision.values()))
+
+    def measure(self, candidate: dict[str, Any], choose: bool = True) -> float:
+        """Seconds per training step of ``candidate``, timed. The first candidate of a mode chooses
+        that mode's precision (2-D and 3-D convolutions gain differently from bf16); with
+        ``choose=False`` a mode without one is timed at the first mode's."""
         config = _candidate_config(self.tree, candidate, self.fp, self.n_train, settings=None, epochs=1)
         channels = self.in_channels * (2 * candidate["context"] + 1)
         mode = candidate["mode"]
-        if mode not in self.precision:  # 2-D and 3-D convolutions gain differently from bf16
+        if mode not in self.precision and (choose or not self.precision):
             self.precision[mode] = planned_step_settings(config, self.cases, channels, self.out_channels,
                                                          device=self.device)
-        settings = self.precision[mode].settings
+        settings = self.settings_for(mode).settings
         seconds = time_training(config, self.cases, channels, self.out_channels, settings=settings,
                                 device=self.device).seconds
         self.timings.append({**candidate, "seconds_per_step": round(seconds, 4), "precision": settings.precision,
@@ -250,12 +256,17 @@ class _CandidateSearch:
         return seconds
 
     def _affordable(self, candidate: dict[str, Any], minimum: int) -> float | None:
-        """The timed step of ``candidate`` when its estimate (then its timing) leaves ``minimum`` steps."""
+        """The timed step of ``candidate`` when its estimate (then its timing) leaves ``minimum``
+        steps. A mode's first candidate is timed at the first mode's precision and gets its own
+        precision measurement only when it fits at that one (a 3-D step that cannot fit does not
+        pay for four timed candidates)."""
         guess = self.estimate(candidate)
         if self.steps_left(guess) < minimum:
             self.timings.append({**candidate, "estimated_seconds_per_step": round(guess, 4)})
             return None
-        seconds = self.measure(candidate)
+        seconds = self.measure(candidate, choose=False)
+        if self.steps_left(seconds) >= minimum and candidate["mode"] not in self.precision:
+            seconds = self.measure(candidate)
         return seconds if self.steps_left(seconds) >= minimum else None
 
     def choose(self, three_d: list[dict[str, Any]], two_d: list[dict[str, Any]]) -> tuple[dict[str, Any], float, int]:
@@ -309,9 +320,10 @@ def _geometry_choices(candidate: dict[str, Any], search: _CandidateSearch, had_3
         Choice("model.base_channels", candidate["base_channels"],
                (f"widest whose step leaves >= {minimum} steps" if minimum else
                 "no candidate leaves the minimum steps: the cheapest") + f" (timed here: {tried})"),
-        Choice("precision", search.precision[candidate["mode"]].settings.precision,
-               search.precision[candidate["mode"]].reason),
-        Choice("memory_format", search.precision[candidate["mode"]].settings.memory_format, "chosen with the precision"),
+        Choice("precision", search.settings_for(candidate["mode"]).settings.precision,
+               search.settings_for(candidate["mode"]).reason),
+        Choice("memory_format", search.settings_for(candidate["mode"]).settings.memory_format,
+               "chosen with the precision"),
     ]
 
 
@@ -335,7 +347,7 @@ def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], secon
     choices.append(why)
     tree["augment"] = augment
     tree["schedule"]["warmup_iterations"] = max(10, int(0.02 * epochs * per_epoch))
-    return _candidate_config(tree, candidate, fp, search.n_train, settings=search.precision[candidate["mode"]].settings, epochs=epochs,
+    return _candidate_config(tree, candidate, fp, search.n_train, settings=search.settings_for(candidate["mode"]).settings, epochs=epochs,
                              per_epoch=per_epoch, val_interval=val_interval)
 
 
