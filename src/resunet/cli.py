@@ -78,6 +78,11 @@ def models(
     console.print(table)
 
 
+_FOLDS = typer.Option(
+    1, "--folds", min=1, max=10, help="K > 1: K-fold cross-validation, one model per fold (each gets 1/K of the "
+    "training time), ensembled by `resunet predict -m RUN_FOLDER`.")
+
+
 @app.command()
 def plan(
     dataset: Path = typer.Argument(..., help="nnU-Net / Decathlon / images+masks folder."),
@@ -87,11 +92,12 @@ def plan(
     semi_supervised: bool = typer.Option(
         False, "--semi-supervised", help="Also train on the dataset's unlabelled images (mean teacher; "
         "see semi_supervised in docs/config.md): timed with the semi-supervised step."),
+    folds: int = _FOLDS,
 ) -> None:
     """Fingerprint a dataset, time candidate networks here and print the training plan with reasons."""
     from resunet.plan import plan_dataset
 
-    result = plan_dataset(dataset, minutes, output_dir=run_dir, semi_supervised=semi_supervised)
+    result = plan_dataset(dataset, minutes, output_dir=run_dir, semi_supervised=semi_supervised, folds=folds)
     console.print(result.table())
     if out is not None:
         result.write_yaml(out)
@@ -112,6 +118,9 @@ def train(
         "track fp32's, measured and cached), fp32, bf16 or fp16 (forced)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Checkpoint to load matching weights from."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
+    folds: Optional[int] = typer.Option(
+        None, "--folds", min=1, max=10, help="K > 1: K-fold cross-validation, one model per fold (with DATASET each "
+        "gets 1/K of the training time), ensembled by `resunet predict -m RUN_FOLDER`."),
 ) -> None:
     """Train a model. `resunet train DATASET --minutes N` plans the whole run for this machine and
     budget (see `resunet plan`); `--config` / `--set` train a YAML config (and override a plan).
@@ -119,15 +128,16 @@ def train(
     import time
 
     from resunet.train.config import load_config, parse_overrides
+    from resunet.train.folds import ENSEMBLE_FILE, train_folds
     from resunet.train.signals import TrainingInterrupted
     from resunet.train.trainer import fit
 
     started = time.perf_counter()
     if resume is not None:
-        if not (resume / "last.pt").is_file():
+        if not (resume / "last.pt").is_file() and not (resume / ENSEMBLE_FILE).is_file():
             raise ResunetError(
-                f"{resume} holds no run to resume (no last.pt); pass the output folder of an earlier "
-                "`resunet train` (it holds config.yaml and last.pt)"
+                f"{resume} holds no run to resume (no last.pt, no {ENSEMBLE_FILE}); pass the output folder of an "
+                "earlier `resunet train` (it holds config.yaml and last.pt)"
             )
         if dataset_arg is not None:
             raise ResunetError("--resume continues a run with its own saved plan; drop the DATASET argument")
@@ -137,34 +147,42 @@ def train(
     if minutes is not None and dataset_arg is None:
         raise ResunetError("--minutes plans a run: give the DATASET folder as the first argument")
     tree = parse_overrides(overrides)
-    for key, value in (("dataset", dataset), ("output_dir", out), ("precision", precision), ("init_from", init_from)):
+    for key, value in (("dataset", dataset), ("output_dir", out), ("precision", precision), ("init_from", init_from),
+                       ("folds", folds)):
         if value is not None:
             target = tree.setdefault("data", {}) if key == "dataset" else tree
             target[key] = str(value) if isinstance(value, Path) else value
     if dataset_arg is not None:
-        cfg = _planned_config(dataset_arg, 10.0 if minutes is None else minutes, config, tree, out, started)
+        cfg = _planned_config(dataset_arg, 10.0 if minutes is None else minutes, config, tree, out, started,
+                              folds or 1)
     else:
         cfg = load_config(config, tree)
     try:
-        result = fit(cfg, resume=resume is not None)
+        if cfg.folds > 1:
+            folded = train_folds(cfg, resume=resume is not None)
+            summary = (f"{len(folded.folds)} folds, cross-validation Dice {folded.cv_dice}; predict with "
+                       f"`resunet predict -m {folded.run_dir}`")
+            run_dir = folded.run_dir
+        else:
+            result = fit(cfg, resume=resume is not None)
+            summary, run_dir = f"{result.epochs_run} epochs, best val Dice {result.best_val_dice}", result.run_dir
     except TrainingInterrupted as stop:  # SIGINT / SIGTERM: last.pt written; say where and how to resume
         Console(stderr=True).print(str(stop), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_code) from None
     if os.environ.get("RANK", "0") == "0":
         minutes_taken = (time.perf_counter() - started) / 60
-        console.print(f"run folder: {result.run_dir} ({result.epochs_run} epochs, best val Dice "
-                      f"{result.best_val_dice}, {minutes_taken:.1f} min)")
+        console.print(f"run folder: {run_dir} ({summary}, {minutes_taken:.1f} min)")
 
 
 def _planned_config(dataset: Path, minutes: float, config: Optional[Path], tree: dict, out: Optional[Path],
-                    started: float):
+                    started: float, folds: int = 1):
     """Plan ``dataset`` for ``minutes``, apply ``--config`` / ``--set``, keep the plan in the run folder."""
     from resunet.plan import plan_dataset
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ResunetError("plan first (`resunet plan DATASET -o plan.yaml`), then torchrun ... train --config plan.yaml")
     result = plan_dataset(dataset, minutes, output_dir=out, started=started,
-                          semi_supervised=_semi_requested(config, tree))
+                          semi_supervised=_semi_requested(config, tree), folds=folds)
     console.print(result.table())
     cfg = result.overridden(config, tree)
     result.save_record(cfg.output_dir)
@@ -204,7 +222,8 @@ def demo(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt), exported .onnx, or a run folder "
+                               "(a --folds run: its folds ensembled)."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image file, DICOM series folder, or folder of cases."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (or file name for a single case)."),
     dicomweb: Optional[str] = typer.Option(
@@ -243,7 +262,8 @@ def predict(
     """
     from resunet.hardware import set_threads
     from resunet.infer.dicomweb import predict_dicomweb
-    from resunet.infer.predictor import PostprocessConfig, Predictor
+    from resunet.infer.ensemble import open_predictor
+    from resunet.infer.predictor import PostprocessConfig
     from resunet.infer.run import predict_inputs
 
     if (input is None) == (dicomweb is None):
@@ -257,7 +277,7 @@ def predict(
     if min_size < 0:
         raise ResunetError(f"--min-size must be >= 0 voxels, got {min_size}")
     set_threads()
-    predictor = Predictor.from_file(
+    predictor = open_predictor(
         model, device=device, batch_size=batch_size, tta=tta, amp=amp, backend=backend,
         postprocess=PostprocessConfig(largest_component, fill_holes, min_size),
     )
@@ -434,7 +454,8 @@ app.add_typer(serve_app, name="serve")
 
 @serve_app.command("http")
 def serve_http(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.pt) or exported model (.onnx)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.pt), exported model (.onnx) or a run folder "
+                               "(a --folds run: its folds ensembled)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, help="TCP port (0: pick a free one; the URL is printed)."),
     max_batch: int = typer.Option(8, help="Most requests per model call (1 turns batching off)."),
@@ -456,12 +477,12 @@ def serve_http(
         "/infer/MODEL for 3D Slicer / OHIF) with this folder as its datastore."),
 ) -> None:
     """HTTP API: POST /v1/segment (NIfTI / PNG in, mask out), /health, /v1/model, /metrics; dynamic batching."""
-    from resunet.infer.predictor import Predictor
+    from resunet.infer.ensemble import open_predictor
     from resunet.serve.http import run_http_server
     from resunet.serve.monai_label import monai_label_routes
 
     routes = [monai_label_routes(studies)] if studies is not None else []
-    predictor = Predictor.from_file(model, backend=backend, device=device, batch_size=batch_size)
+    predictor = open_predictor(model, backend=backend, device=device, batch_size=batch_size)
     run_http_server(predictor, host=host, port=port, log_level=log_level, max_batch=max_batch,
                     max_wait_ms=max_wait_ms, queue_size=queue_size, max_upload_mb=max_upload_mb, token=token,
                     max_voxels=max_voxels, max_memory_gb=max_memory_gb, memory_wait_s=memory_wait_s, routes=routes)
@@ -472,7 +493,7 @@ def serve_http(
 
 @serve_app.command("dicom")
 def serve_dicom(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) or a run folder (a --folds run: its folds ensembled)."),
     dest: Optional[str] = typer.Option(
         None, "--dest", help="Where SEGs go by C-STORE: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)."),
     dest_dicomweb: Optional[str] = typer.Option(
@@ -492,7 +513,7 @@ def serve_dicom(
     max_memory_gb: Optional[float] = _MAX_MEMORY_GB,
 ) -> None:
     """DICOM node: receive CT/MR series from a PACS, segment each, send a DICOM SEG to --dest / --dest-dicomweb."""
-    from resunet.infer.predictor import Predictor
+    from resunet.infer.ensemble import open_predictor
     from resunet.serve.dicom_node import Destination, DicomNodeConfig, run_dicom_node
 
     config = DicomNodeConfig(
@@ -501,7 +522,7 @@ def serve_dicom(
         max_series_instances=max_series_instances, max_voxels=max_voxels, max_memory_gb=max_memory_gb,
         dicomweb=dest_dicomweb,
     )
-    run_dicom_node(Predictor.from_file(model, device=device, batch_size=batch_size, tta=tta), config)
+    run_dicom_node(open_predictor(model, device=device, batch_size=batch_size, tta=tta), config)
 
 
 def main(argv: list[str] | None = None) -> None:

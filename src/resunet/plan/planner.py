@@ -141,15 +141,20 @@ def plan_dataset(
     seed: int = 0,
     progress: bool = True,
     semi_supervised: bool = False,
+    folds: int = 1,
 ) -> Plan:
     """Plan a training run on ``dataset`` that fits ``minutes`` (the whole command, from
     ``started``, a `time.perf_counter` value; default now) on this machine. ``semi_supervised``:
     the run also trains on the dataset's unlabelled images (mean teacher): they are allowed (not
-    problems), and the candidates are timed with the semi-supervised step."""
+    problems), and the candidates are timed with the semi-supervised step. ``folds`` K > 1: K
+    models are trained one after another (`resunet.train.folds`), each on (K-1)/K of the cases
+    and validating on the rest, so each gets 1/K of the time left after planning."""
 
     t0 = time.perf_counter() if started is None else started
     if not minutes > 0:
         raise InputError(f"the budget must be positive minutes, got {minutes}")
+    if not 1 <= folds <= 10:
+        raise InputError(f"--folds must be 1 (no cross-validation) to 10, got {folds}")
     info = find_dataset(dataset, unlabelled=semi_supervised)
     validate_dataset(info)
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
@@ -165,7 +170,7 @@ def plan_dataset(
     choices += why
     if slice_axis:
         preprocess["slice_axis"] = slice_axis
-    val_fraction, why = rules.plan_validation(fp.num_cases)
+    val_fraction, why = rules.plan_validation(fp.num_cases, folds)
     choices.append(why)
     foreground, why = rules.plan_foreground_fraction(fp)
     choices.append(why)
@@ -175,7 +180,7 @@ def plan_dataset(
         "loss": {"dice_weight": 1.0, "focal_weight": 1.0, "alpha": None, "gamma": 0.0, "batch_dice": True},
         "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4},
         "schedule": {"kind": "poly", "warmup_iterations": 0},
-        "seed": seed, "device": device,
+        "seed": seed, "device": device, "folds": folds,
         "output_dir": str(output_dir or Path("runs") / Path(info.root).name),
     }
     choices.append(Choice("loss", "Dice + CE", "nnU-Net's loss; +0.002 Dice over Dice + focal in the demo"))
@@ -188,15 +193,16 @@ def plan_dataset(
     index = build_cache(info.training + info.unlabelled, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
-    search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device)
+    search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device, folds)
     three_d, two_d, mode_reason = rules.geometry_candidates(planned, preprocess["target_spacing"], minutes)
     candidate, seconds, minimum = search.choose(three_d, two_d)
     choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, planned, minutes, minimum)
     config = _schedule_and_augment(tree, candidate, seconds, search, choices)
-    config.max_minutes = round(max(0.1, (minutes * 60.0 - (time.perf_counter() - t0)) / 60.0), 3)
+    config.max_minutes = round(max(0.1, (minutes * 60.0 - (time.perf_counter() - t0)) / 60.0 / folds), 3)
     planning = time.perf_counter() - t0
     config.plan = {
         "minutes": minutes,
+        "folds": folds,
         "planning_seconds": round(planning, 1),
         "choices": [{"key": c.key, "value": _show(c.value), "reason": c.reason} for c in choices],
         "timings": search.timings,
@@ -215,9 +221,9 @@ class _CandidateSearch:
     """
 
     def __init__(self, tree: dict[str, Any], fp: DatasetFingerprint, cases: list, out_channels: int,
-                 minutes: float, t0: float, device: str) -> None:
+                 minutes: float, t0: float, device: str, folds: int = 1) -> None:
         self.tree, self.fp, self.cases, self.out_channels = tree, fp, cases, out_channels
-        self.minutes, self.t0, self.device = minutes, t0, device
+        self.minutes, self.t0, self.device, self.folds = minutes, t0, device, folds
         self.in_channels = int(cases[0].image.shape[0])
         self.n_train = fp.num_cases - int(round(fp.num_cases * tree["data"]["val_fraction"]))
         self.precision: dict[str, Any] = {}  # mode -> StepChoice, measured on its first candidate
@@ -229,10 +235,13 @@ class _CandidateSearch:
         macs = _macs(candidate, self.in_channels, self.out_channels)
         return self._anchor_seconds * macs / self._anchor_macs / OPTIMISM
 
+    def training_seconds_left(self) -> float:
+        """Seconds one model may train: what is left of the budget (safety margin off) / folds."""
+        return (self.minutes * 60.0 * (1 - SAFETY) - (time.perf_counter() - self.t0)) / self.folds
+
     def steps_left(self, seconds: float) -> float:
-        """Steps of ``seconds`` that fit in what is left of the budget (safety margin off)."""
-        left = self.minutes * 60.0 * (1 - SAFETY) - (time.perf_counter() - self.t0)
-        return left / seconds
+        """Steps of ``seconds`` that fit in one model's share of what is left of the budget."""
+        return self.training_seconds_left() / seconds
 
     def settings_for(self, mode: str) -> Any:
         """The `StepChoice` of ``mode``: its own, else the first mode's (until it gets its own)."""
@@ -334,9 +343,10 @@ def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], secon
     fp, minutes = search.fp, search.minutes
     val_cases = int(round(fp.num_cases * tree["data"]["val_fraction"]))
     validation_s = _validation_seconds(fp, val_cases, candidate, seconds, tree["data"]["preprocess"]["target_spacing"])
-    left = minutes * 60.0 * (1 - SAFETY) - (time.perf_counter() - search.t0)
+    left = search.training_seconds_left()
     n_validations = 5 if val_cases else 0
-    epochs, per_epoch, why = rules.plan_schedule(seconds * LOOP_OVERHEAD, left - n_validations * validation_s, minutes)
+    epochs, per_epoch, why = rules.plan_schedule(seconds * LOOP_OVERHEAD, left - n_validations * validation_s, minutes,
+                                                 search.folds)
     choices.append(why)
     val_interval = max(1, epochs // 5) if val_cases else 1
     if val_cases:

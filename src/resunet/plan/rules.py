@@ -43,7 +43,9 @@ epochs x iterations    as many steps as fit in the budget left after fingerprint
                        and the planned validations, from the measured step time (the whole
                        schedule fits the budget); epochs of up to 50 iterations
 validation             10 % of the cases (2..10 cases) when there are >= 10, about 5 validations
-                       per run; fewer cases: all train (the last weights are the model)
+                       per run; fewer cases: all train (the last weights are the model).
+                       ``--folds K``: each of K models validates on 1/K of the cases and gets 1/K
+                       of the training time (epochs x iterations sized for that share)
 foreground sampling    0.5 of the patches centred on a labelled voxel when the smallest class
                        covers < 1 % of the voxels, else 0.33 (nnU-Net)
 augmentation           rotation, per-axis zoom, flips, gamma, brightness / contrast, noise, blur
@@ -270,18 +272,21 @@ def geometry_candidates(
 # ---------------------------------------------------------------------------------- schedule
 
 
-def plan_schedule(step_seconds: float, budget_seconds: float, minutes: float) -> tuple[int, int, Choice]:
-    """``(epochs, iterations_per_epoch)`` that fit ``budget_seconds`` at ``step_seconds`` each.
+def plan_schedule(step_seconds: float, budget_seconds: float, minutes: float,
+                  folds: int = 1) -> tuple[int, int, Choice]:
+    """``(epochs, iterations_per_epoch)`` that fit ``budget_seconds`` (one model's share: ``folds``
+    models share ``minutes``) at ``step_seconds`` each.
 
     Raises `InputError` saying how many minutes are needed when not even 5 epochs of 10
     iterations fit."""
     steps = int(budget_seconds / step_seconds)
     if steps < 50:
-        need = (50 * step_seconds + max(0.0, minutes * 60 - budget_seconds)) / 60
+        need = (folds * 50 * step_seconds + max(0.0, minutes * 60 - folds * budget_seconds)) / 60
+        each = f" ({folds} folds, one model each)" if folds > 1 else ""
         raise InputError(
-            f"a budget of {minutes:g} min leaves time for {max(steps, 0)} training steps of "
-            f"{step_seconds:.2f} s here; the smallest plan needs 50 steps: give at least "
-            f"--minutes {math.ceil(need * 1.2)}"
+            f"a budget of {minutes:g} min{each} leaves time for {max(steps, 0)} training steps of "
+            f"{step_seconds:.2f} s per model here; the smallest plan needs 50 steps: give at least "
+            f"--minutes {math.ceil(need * 1.2)}" + (" or fewer --folds" if folds > 1 else "")
         )
     per_epoch = int(min(ITERATIONS_PER_EPOCH, max(10, steps // 20)))
     epochs = max(1, steps // per_epoch)
@@ -291,8 +296,16 @@ def plan_schedule(step_seconds: float, budget_seconds: float, minutes: float) ->
         f"{budget_seconds / 60:.1f} min left for training; the LR reaches 0 at the last step")
 
 
-def plan_validation(num_cases: int) -> tuple[float, Choice]:
-    """Fraction of the cases kept for validation (0 with fewer than 10 cases)."""
+def plan_validation(num_cases: int, folds: int = 1) -> tuple[float, Choice]:
+    """Fraction of the cases kept for validation (0 with fewer than 10 cases); with ``folds`` K > 1
+    each fold validates on 1/K of them (`resunet.train.folds`)."""
+    if folds > 1:
+        if folds > num_cases:
+            raise InputError(f"{folds} folds need at least {folds} labelled cases, the dataset has {num_cases}; "
+                             f"use --folds {num_cases} or fewer" if num_cases >= 2 else
+                             "cross-validation needs at least 2 labelled cases; drop --folds")
+        return 1.0 / folds, Choice("folds", folds, f"{folds}-fold cross-validation: each fold validates on 1/{folds} "
+                                   f"of the {num_cases} cases and trains 1/{folds} of the time; predict ensembles them")
     if num_cases < 10:
         return 0.0, Choice("data.val_fraction", 0.0,
                            f"{num_cases} case(s): all train; the last weights (LR 0) are the model")
@@ -334,7 +347,9 @@ def plan_augmentation(fp: DatasetFingerprint, mode: str, num_training: int,
         "gamma": {"enabled": True, "p": 0.2 if one_scale else 0.3,
                   "gamma": (0.9, 1.1) if one_scale else (0.8, 1.25)},
         "noise": {"enabled": True, "p": 0.15, "sigma": (0.0, 0.1)},
-        "blur": {"enabled": True, "p": 0.1, "sigma": (0.5, 1.0)},
+        "blur": {"enabled": True, "p": 0.1, "sigma": (0.5, 1.0),
+                 # 2.5-D: thick-slice scans resampled to the training spacing blur across the slices
+                 **({"through_plane": (0.5, 1.0), "through_plane_p": 0.2} if mode == "2d" else {})},
         "low_resolution": {"enabled": True, "p": 0.125, "zoom": (0.5, 1.0)},
         # applied to the intensities (relative to the background): +-2..10 %. Measured on the demo
         # (benchmarks/RESULTS.md): +-5..20 % gave clean 0.947 / corrupted 0.935 / re-acquired 0.909,
@@ -345,7 +360,8 @@ def plan_augmentation(fp: DatasetFingerprint, mode: str, num_training: int,
         "rician_noise": {"enabled": False},
     }
     parts = [f"rotation +-{degrees:g} ({'fewer than 20' if few else num_training} training cases) and per-axis "
-             "zoom at p 0.2, flips, noise, blur and low-resolution simulation (scans acquired coarser than training)"]
+             "zoom at p 0.2, flips, noise, blur and low-resolution simulation (scans acquired coarser than training)"
+             + ("; 2.5-D: blur across the slices at p 0.2 (thick slices)" if mode == "2d" else "")]
     if mr:
         parts.append("MR: a bias field")
     parts.append("one intensity scale: no brightness / contrast, mild gamma" if one_scale

@@ -138,6 +138,10 @@ class TrainConfig(_Strict):
     prefetch_batches: int = Field(
         1, ge=0, le=8, description="batches sampled and augmented in a background thread while the model trains "
         "(0: in the training loop); the batches are identical either way")
+    folds: int = Field(
+        1, ge=1, le=10, description="K > 1: K-fold cross-validation, one model per fold in <output_dir>/fold_<k> "
+        "(fold k validates on the k-th of K seeded parts; data.val_cases / val_fraction are not used), ensembled "
+        "by `resunet predict -m <output_dir>` (`resunet.train.folds`)")
     val_interval: int = Field(1, ge=1, description="validate every N epochs")
     val_batch_size: int = Field(8, ge=1, description="slices / windows per forward pass in validation")
     early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")

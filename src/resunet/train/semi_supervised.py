@@ -208,7 +208,7 @@ class MeanTeacher:
         shared, _ = augment_batch(images.to(self.device), None, self.spatial, generator)
         out = []
         for _ in range(2):
-            view, _ = augment_batch(shared, None, self.intensity, generator)
+            view, _ = augment_batch(shared, None, self.intensity, generator, modalities=sampler.modalities)
             if self.options.view_noise > 0:
                 view = add_gaussian_noise(view, self.options.view_noise, relative=True, generator=generator)
             out.append(self.format.apply(view))
