@@ -8,9 +8,11 @@ sorted case list) is held out; the other 156 form an MSD-layout copy (symlinks +
 ``dataset.json``) that `resunet train` plans and trains on, exactly as a user would run it. The
 held-out cases are then predicted with ``resunet predict`` and scored (Dice per class, per case,
 averaged). ``--baseline`` also trains the fixed defaults (``resunet train --dataset``, no planner)
-under the same wall-clock budget (``max_minutes``) for comparison.
+under the same wall-clock budget (``max_minutes``) for comparison. ``--folds K`` also runs
+``resunet train <copy> --minutes N --folds K`` (K models, each 1/K of the training time) and
+predicts with their ensemble (``resunet predict -m <run folder>``).
 
-    python benchmarks/bench_hippocampus.py --minutes 10
+    python benchmarks/bench_hippocampus.py --minutes 10 [--folds 3]
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=Path("bench-hippocampus"))
     ap.add_argument("--baseline", action="store_true", help="also train the fixed defaults for comparison")
+    ap.add_argument("--folds", type=int, default=0, help="also train K folds in the same budget and ensemble them")
+    ap.add_argument("--skip-single", action="store_true", help="with --folds: do not run the one-model plan")
     args = ap.parse_args()
     if not (args.data / "dataset.json").is_file():
         print(f"skipped: {args.data} not found (MSD Task04_Hippocampus; see ../shared/DATA.md)")
@@ -91,35 +95,46 @@ def main() -> None:
     names = ["Anterior", "Posterior"]
     resunet = [sys.executable, "-m", "resunet"]
     results = {}
-    runs = [("planned", [*resunet, "train", str(train_root), "--minutes", str(args.minutes), "-o", str(out / "planned")])]
+    runs = [] if args.skip_single and args.folds else [
+        ("planned", [*resunet, "train", str(train_root), "--minutes", str(args.minutes), "-o", str(out / "planned")])]
+    if args.folds:
+        runs.append((f"{args.folds} folds", [*resunet, "train", str(train_root), "--minutes", str(args.minutes),
+                                             "--folds", str(args.folds), "-o", str(out / f"folds{args.folds}")]))
     if args.baseline:
         runs.append(("fixed defaults", [*resunet, "train", "--dataset", str(train_root), "-o", str(out / "defaults"),
                                         "--set", f"max_minutes={args.minutes}"]))
     for name, cmd in runs:
         run_dir = Path(cmd[cmd.index("-o") + 1])
-        if (run_dir / "last.pt").exists():
+        if (run_dir / "last.pt").exists() or (run_dir / "ensemble.json").exists():
             print(f"{name}: reusing {run_dir}")
             seconds = json.loads((run_dir / "bench_seconds.json").read_text())["seconds"]
         else:
             seconds = run(cmd, out / f"{run_dir.name}_train.log")
             (run_dir / "bench_seconds.json").write_text(json.dumps({"seconds": seconds}))
         pred = out / f"{run_dir.name}_predictions"
-        run([*resunet, "predict", "-m", str(run_dir / "best.pt"), "-i", str(out / "split" / "test" / "images"),
+        model = run_dir if (run_dir / "ensemble.json").exists() else run_dir / "best.pt"
+        run([*resunet, "predict", "-m", str(model), "-i", str(out / "split" / "test" / "images"),
              "-o", str(pred)], out / f"{run_dir.name}_predict.log")
         results[name] = {**score(pred, out / "split" / "test" / "labels", names), "train_minutes": seconds / 60}
-        if name == "planned":
+        if name != "fixed defaults":
             import yaml
 
             cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
             results[name]["plan"] = {c["key"]: c["value"] for c in cfg["plan"]["choices"]}
-            results[name]["epochs_run"] = len((run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
+            metrics = run_dir / ("fold_0/metrics.csv" if args.folds and name != "planned" else "metrics.csv")
+            results[name]["epochs_run"] = len(metrics.read_text().strip().splitlines()) - 1
+            if (run_dir / "ensemble.json").exists():
+                results[name]["cv_dice"] = json.loads((run_dir / "ensemble.json").read_text())["cv_dice"]
     print(f"MSD Task04 Hippocampus, {len(held)} held-out cases (fixed fifth, seed 0), budget {args.minutes:g} min")
     for name, r in results.items():
         print(f"  {name:15s} Anterior {r['Anterior']:.4f}  Posterior {r['Posterior']:.4f}  mean {r['mean']:.4f}  "
               f"({r['train_minutes']:.1f} min for `resunet train`)")
-    if "plan" in results.get("planned", {}):
-        for key, value in results["planned"]["plan"].items():
-            print(f"    {key}: {value}")
+    for name, r in results.items():
+        if "plan" in r:
+            print(f"  plan of {name} ({r['epochs_run']} epochs run"
+                  + (f", cross-validation Dice {r['cv_dice']:.4f}" if r.get("cv_dice") else "") + "):")
+            for key, value in r["plan"].items():
+                print(f"    {key}: {value}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -524,33 +524,3 @@ def test_per_axis_zoom_scales_axes_independently():
     out, _ = augment_batch(x, None, cfg, torch.Generator().manual_seed(1))
     rows, cols = (out[0, 0] > 0.5).any(dim=1).sum(), (out[0, 0] > 0.5).any(dim=0).sum()
     assert rows != cols
-
-
-def test_through_plane_blur_mixes_each_modalitys_slices_only():
-    """2.5-D (2 modalities x 3 slices): the through-plane blur averages neighbouring slices of one
-    modality with a Gaussian of the drawn sigma (edge slices replicated), never across modalities;
-    3-D patches and 2-D inputs with one slice are untouched."""
-    cfg = AugmentConfig.disabled()
-    cfg.blur.enabled, cfg.blur.p, cfg.blur.sigma = True, 0.0, (0.0, 0.0)  # in-plane blur off
-    cfg.blur.through_plane, cfg.blur.through_plane_p = (1.0, 1.0), 1.0
-    x = torch.zeros(2, 6, 8, 8)
-    x[:, 1] = 1.0  # modality 0: slices 0 / 1 / 0
-    x[:, 3:] = 5.0  # modality 1: constant
-    out, _ = augment_batch(x, None, cfg, _gen(0), modalities=2)
-    w = torch.exp(-0.5 * torch.arange(-3, 4.0) ** 2)
-    w = w / w.sum()  # sigma 1 slice, radius 3
-    centre = float(w[3])  # the middle slice keeps only its own weight of the impulse
-    edge = float(w[2])  # replicate padding: each edge slice sees the middle once, at distance 1
-    assert torch.allclose(out[:, 1], torch.full_like(out[:, 1], centre), atol=1e-5)
-    assert torch.allclose(out[:, 0], torch.full_like(out[:, 0], edge), atol=1e-5)
-    assert torch.allclose(out[:, 3:], x[:, 3:])  # modality 1 untouched (and its values never leak)
-    one_slice = torch.randn(2, 1, 8, 8)
-    assert torch.equal(augment_batch(one_slice, None, cfg, _gen(0))[0], one_slice)
-    volume = torch.randn(2, 1, 6, 8, 8)
-    assert torch.equal(augment_batch(volume, None, cfg, _gen(0))[0], volume)
-    # off (the default range 0..0): nothing drawn, the batch of an older config is unchanged
-    off = AugmentConfig.disabled()
-    off.blur.enabled, off.blur.p = True, 0.5
-    ref = augment_batch(x, None, off, _gen(3), modalities=2)[0]
-    same = AugmentConfig.model_validate({**off.model_dump(), "blur": {**off.blur.model_dump(), "through_plane_p": 0.9}})
-    assert torch.equal(augment_batch(x, None, same, _gen(3), modalities=2)[0], ref)

@@ -116,9 +116,17 @@ def test_binary_ensemble_keeps_the_mean_sigmoid():
 
 @pytest.mark.slow
 def test_train_folds_ensemble_record_resume_and_predict(tiny_dataset, tmp_path, monkeypatch):  # noqa: F811
-    cfg = config_from_dict(tiny_config(tiny_dataset, tmp_path, folds=2, **{
-        "stages": [{"patch_size": [32, 32], "batch_size": 4, "epochs": 1, "iterations_per_epoch": 2}]}))
-    result = train_folds(cfg)
+    import yaml
+
+    from resunet.cli import main
+
+    tree = tiny_config(tiny_dataset, tmp_path, **{
+        "stages": [{"patch_size": [32, 32], "batch_size": 4, "epochs": 1, "iterations_per_epoch": 2}]})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(SystemExit) as stop:  # `resunet train --config tiny.yaml --folds 2`
+        main(["train", "--config", str(tmp_path / "tiny.yaml"), "--folds", "2"])
+    assert stop.value.code in (0, None)
+    cfg = config_from_dict({**tree, "folds": 2})
     run = Path(cfg.output_dir)
     record = read_ensemble(run)
     assert record["complete"] and record["members"] == ["fold_0/best.pt", "fold_1/best.pt"]
@@ -128,19 +136,20 @@ def test_train_folds_ensemble_record_resume_and_predict(tiny_dataset, tmp_path, 
     for k in (0, 1):  # each fold validated on its own part and trained on the rest
         fold_cfg = (run / f"fold_{k}" / "config.yaml").read_text()
         assert all(c in fold_cfg for c in val[k]) and "folds: 1" in fold_cfg
-    assert result.cv_dice == pytest.approx(np.mean([f.best_val_dice for f in result.folds]))
-    assert record["cv_dice"] == pytest.approx(result.cv_dice)
+    dice = [record["validation"][f"fold_{k}"]["best_val_dice"] for k in (0, 1)]
+    assert record["cv_dice"] == pytest.approx(np.mean(dice)) and 0 <= record["cv_dice"] <= 1
 
-    # resume: finished folds are not trained again
+    # resume (`resunet train --resume RUN`): finished folds are not trained again
     monkeypatch.setattr(folds_module, "fit", lambda *a, **k: pytest.fail("a finished fold was trained again"))
-    assert len(train_folds(cfg, resume=True).folds) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--resume", str(run)])
+    assert stop.value.code in (0, None)
+    assert train_folds(cfg, resume=True).cv_dice == pytest.approx(record["cv_dice"])
 
     # predict from the run folder: the ensemble of both folds
     images = sorted((tiny_dataset / "imagesTs").glob("*_0000.nii.gz"))
     predictor = open_predictor(run, batch_size=4)
     assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 2
-    from resunet.cli import main
-
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as stop:
         main(["predict", "-m", str(run), "-i", str(images[0].parent), "-o", str(out)])

@@ -347,9 +347,7 @@ def plan_augmentation(fp: DatasetFingerprint, mode: str, num_training: int,
         "gamma": {"enabled": True, "p": 0.2 if one_scale else 0.3,
                   "gamma": (0.9, 1.1) if one_scale else (0.8, 1.25)},
         "noise": {"enabled": True, "p": 0.15, "sigma": (0.0, 0.1)},
-        "blur": {"enabled": True, "p": 0.1, "sigma": (0.5, 1.0),
-                 # 2.5-D: thick-slice scans resampled to the training spacing blur across the slices
-                 **({"through_plane": (0.5, 1.0), "through_plane_p": 0.2} if mode == "2d" else {})},
+        "blur": {"enabled": True, "p": 0.1, "sigma": (0.5, 1.0)},
         "low_resolution": {"enabled": True, "p": 0.125, "zoom": (0.5, 1.0)},
         # applied to the intensities (relative to the background): +-2..10 %. Measured on the demo
         # (benchmarks/RESULTS.md): +-5..20 % gave clean 0.947 / corrupted 0.935 / re-acquired 0.909,
@@ -360,8 +358,7 @@ def plan_augmentation(fp: DatasetFingerprint, mode: str, num_training: int,
         "rician_noise": {"enabled": False},
     }
     parts = [f"rotation +-{degrees:g} ({'fewer than 20' if few else num_training} training cases) and per-axis "
-             "zoom at p 0.2, flips, noise, blur and low-resolution simulation (scans acquired coarser than training)"
-             + ("; 2.5-D: blur across the slices at p 0.2 (thick slices)" if mode == "2d" else "")]
+             "zoom at p 0.2, flips, noise, blur and low-resolution simulation (scans acquired coarser than training)"]
     if mr:
         parts.append("MR: a bias field")
     parts.append("one intensity scale: no brightness / contrast, mild gamma" if one_scale

@@ -17,6 +17,7 @@ every case scored by the one model that did not train on it. It is rewritten aft
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,11 @@ def train_folds(config: TrainConfig, resume: bool = False) -> FoldsResult:
     run_dir = Path(config.output_dir)
     info = find_dataset(config.data.dataset, unlabelled=config.semi_supervised.enabled)
     splits = fold_splits([c.case_id for c in info.training], config.folds, config.seed)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun every rank trains each fold; rank 0 records
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir / "config.yaml") as tmp:
-        Path(tmp).write_text(dump_config(config))
+    if lead:
+        with atomic_write(run_dir / "config.yaml") as tmp:
+            Path(tmp).write_text(dump_config(config))
     previous = read_ensemble(run_dir) if resume else {}
     done: dict[int, FitResult] = {}
     for name, record in previous.get("validation", {}).items():
@@ -113,5 +116,6 @@ def train_folds(config: TrainConfig, resume: bool = False) -> FoldsResult:
         console.print(f"fold {k + 1}/{len(splits)}: {len(info.training) - len(val)} cases train, {len(val)} validate "
                       f"-> {cfg.output_dir}")
         done[k] = fit(cfg, resume=resume and (Path(cfg.output_dir) / "last.pt").is_file())
-        _write_ensemble(run_dir, config, splits, done)
+        if lead:
+            _write_ensemble(run_dir, config, splits, done)
     return FoldsResult(run_dir, [done[k] for k in range(len(splits))])

@@ -195,24 +195,16 @@ class RicianNoiseConfig(NoiseConfig):
 
 
 class BlurConfig(_Strict):
-    """Gaussian blur, ``sigma`` in pixels drawn per sample (and per axis with ``per_axis``).
-
-    ``through_plane``: 2.5-D inputs only (each modality's channels are its neighbouring slices):
-    with probability ``through_plane_p`` a sample is also blurred ACROSS its slices, sigma in
-    slices drawn from this range: the partial volume of a thick-slice scan resampled to the
-    training spacing, which an in-plane blur cannot show. ``(0, 0)``: off (nothing is drawn)."""
+    """Gaussian blur, ``sigma`` in pixels drawn per sample (and per axis with ``per_axis``)."""
 
     enabled: bool = False
     p: Probability = 0.2
     sigma: Range = (0.5, 1.0)
     per_axis: bool = True
-    through_plane: Range = (0.0, 0.0)
-    through_plane_p: Probability = 0.2
 
     @model_validator(mode="after")
     def _check(self) -> BlurConfig:
         _non_negative(self.sigma, "blur.sigma")
-        _non_negative(self.through_plane, "blur.through_plane")
         return self
 
 

@@ -86,7 +86,7 @@ def augment_batch(
     cfg = augment_config_from_dict(config)
     image, mask, squeeze = _check_batch(image, mask)
     img, msk = _spatial_step(cfg, image, mask, generator, spacing)
-    img = _intensity_step(cfg, img, generator, modalities)
+    img = _intensity_step(cfg, img, generator)
     img = modality_dropout(img, cfg.modality_dropout, modalities, generator)[0]  # draws only when p > 0
     if msk is not None and squeeze:
         msk = msk.squeeze(1)
@@ -130,20 +130,9 @@ def _spatial_step(cfg: AugmentConfig, image: torch.Tensor, mask: torch.Tensor | 
     return _spatial(image, mask, matrices, deform, grid_fn, cfg.padding_mode, cfg.interpolation)
 
 
-def _blur_across_slices(x: torch.Tensor, sigma: torch.Tensor, modalities: int) -> torch.Tensor:
-    """``x`` ``(B, M * G, H, W)`` (M modalities of G 2.5-D slices each) blurred along the slices
-    with ``sigma`` ``(B,)`` (slices; edge slices replicated)."""
-    b, c, h, w = x.shape
-    stacks = x.reshape(b, modalities, c // modalities, h, w)
-    zero = torch.zeros_like(sigma)
-    return gaussian_blur(stacks, torch.stack([sigma, zero, zero], dim=1), axes=(0,)).reshape(x.shape)
-
-
-def _intensity_step(cfg: AugmentConfig, img: torch.Tensor, generator: torch.Generator | None,
-                    modalities: int = 1) -> torch.Tensor:
+def _intensity_step(cfg: AugmentConfig, img: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Image only, in the documented order. Parameters are drawn for every sample (fixed draw
-    order); low resolution and blur draw only when enabled (the through-plane blur only when its
-    range is not 0), so other settings' draws are unchanged."""
+    order); low resolution and blur draw only when enabled, so other settings' draws are unchanged."""
     b, n = img.shape[0], img.ndim - 2
     shape = tuple(img.shape[2:])
     dev = img.device
@@ -178,10 +167,6 @@ def _intensity_step(cfg: AugmentConfig, img: torch.Tensor, generator: torch.Gene
         sel = _coin(generator, b, bl.p, dev)
         bsig = _uniform(generator, (b, n) if bl.per_axis else (b,), bl.sigma[0], bl.sigma[1], dev)
         img = _on_subset(img, sel, lambda x, i: gaussian_blur(x, bsig[i]))
-        if bl.through_plane[1] > 0 and n == 2 and img.shape[1] // modalities > 1:
-            sel = _coin(generator, b, bl.through_plane_p, dev)
-            tsig = _uniform(generator, (b,), bl.through_plane[0], bl.through_plane[1], dev)
-            img = _on_subset(img, sel, lambda x, i: _blur_across_slices(x, tsig[i], modalities))
 
     ns = cfg.noise
     sel = _coin(generator, b, ns.p if ns.enabled else 0.0, dev)
