@@ -194,7 +194,7 @@ def train_and_predict(args: argparse.Namespace, out: Path, roots: dict[str, Path
             inputs[" (FLAIR missing)"] = "both_no_flair"
         for suffix, variant in inputs.items():
             pred = out / "predictions" / (slug + ("_no_flair" if suffix else ""))
-            run([*resunet, "predict", "-m", str(run_dir / "best.pt"), "-i", str(out / "test" / variant),
+            run([*resunet, "predict", "-m", str(run_dir), "-i", str(out / "test" / variant),
                  "-o", str(pred)], out / f"{pred.name}_predict.log", env)
             results[name + suffix] = {"dice": dice_per_case(pred, out / "test" / "labels"),
                                       "train_minutes": seconds / 60, "run": slug}

@@ -112,7 +112,7 @@ def main() -> None:
             seconds = run(cmd, out / f"{run_dir.name}_train.log")
             (run_dir / "bench_seconds.json").write_text(json.dumps({"seconds": seconds}))
         pred = out / f"{run_dir.name}_predictions"
-        model = run_dir if (run_dir / "ensemble.json").exists() else run_dir / "best.pt"
+        model = run_dir  # its model: the folds' ensemble, else final.pt (best.pt when it stopped early)
         run([*resunet, "predict", "-m", str(model), "-i", str(out / "split" / "test" / "images"),
              "-o", str(pred)], out / f"{run_dir.name}_predict.log")
         results[name] = {**score(pred, out / "split" / "test" / "labels", names), "train_minutes": seconds / 60}

@@ -18,7 +18,7 @@ One plan (`resunet plan` on (a), for ``--minutes``) is trained on all three (`re
 plan.yaml --set data.dataset=...`): the same network, patch, schedule and wall-clock budget
 (``max_minutes``; a semi-supervised step is slower, so (b) runs fewer epochs in the same time, the
 schedule recomputed). The three validate on the same cases, (a)'s validation split of the 20
-(``data.val_cases``), so validation costs the same and (c)'s extra labels all train. Each run's ``best.pt`` predicts the held-out images (`resunet predict`);
+(``data.val_cases``), so validation costs the same and (c)'s extra labels all train. Each run's model (``resunet predict -m RUN``: the final weights) predicts the held-out images;
 printed: the mean Dice per class over the held-out cases for each run, and the share of the
 (c) - (a) gap that (b) closes, ``(b - a) / (c - a)``.
 
@@ -108,9 +108,9 @@ def validation_cases(plan: Path, dataset: Path) -> list[str]:
 
 
 def train_and_score(name: str, dataset: Path, plan: Path, val: list[str], out: Path, held_dir: Path,
-                    names: list[str]) -> dict:
-    """Train ``plan`` on ``dataset`` (run ``name``, validating on ``val``), predict the held-out images,
-    score them."""
+                    names: list[str], semi_sets: list[str]) -> dict:
+    """Train ``plan`` on ``dataset`` (run ``name``, validating on ``val``; run (b) also with the
+    ``semi_sets`` overrides), predict the held-out images, score them."""
     resunet = [sys.executable, "-m", "resunet"]
     run_dir = out / f"run_{name}"
     cmd = [*resunet, "train", "--config", str(plan), "--set", f"data.dataset={dataset}", "-o", str(run_dir)]
@@ -118,9 +118,11 @@ def train_and_score(name: str, dataset: Path, plan: Path, val: list[str], out: P
         cmd += ["--set", f"data.val_cases=[{', '.join(val)}]"]
     if name == "b":
         cmd += ["--set", "semi_supervised.enabled=true"]
+        for item in semi_sets:
+            cmd += ["--set", f"semi_supervised.{item}"]
     seconds = run(cmd, out / f"train_{name}.log")
     pred = out / f"predictions_{name}"
-    run([*resunet, "predict", "-m", str(run_dir / "best.pt"), "-i", str(held_dir / "images"), "-o", str(pred)],
+    run([*resunet, "predict", "-m", str(run_dir), "-i", str(held_dir / "images"), "-o", str(pred)],
         out / f"predict_{name}.log")
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     return {**score(pred, held_dir / "labels", names), "train_minutes": seconds / 60, "epochs_run": len(rows) - 1}
@@ -143,6 +145,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="the budget of each of the three runs")
     ap.add_argument("--labelled", type=int, default=20, help="labelled cases of runs (a) and (b)")
     ap.add_argument("--out", type=Path, default=Path("bench-semi-supervised"))
+    ap.add_argument("--semi-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a semi_supervised setting for run (b), e.g. unlabelled_batch_size=8 (repeatable)")
     args = ap.parse_args()
     if not (args.data / "dataset.json").is_file():
         print(f"skipped: {args.data} not found (MSD Task04_Hippocampus; see ../shared/DATA.md)")
@@ -160,10 +164,12 @@ def main() -> None:
              "-o", str(plan)], out / "plan.log")
         val = validation_cases(plan, datasets["a"])
         for name in RUNS:
-            results[name] = train_and_score(name, datasets[name], plan, val, out, out / "split" / "test", names)
+            results[name] = train_and_score(name, datasets[name], plan, val, out, out / "split" / "test", names,
+                                            args.semi_set)
     n_pool = len(json.loads((pool_root / "dataset.json").read_text())["training"])
     print(f"MSD Task04 Hippocampus, {len(held)} held-out cases (bench_hippocampus's fixed fifth); {args.labelled} "
-          f"of the {n_pool} training cases labelled ({len(val)} of them validate); one plan, {args.minutes:g} min per run")
+          f"of the {n_pool} training cases labelled ({len(val)} of them validate); one plan, {args.minutes:g} min per run"
+          + (f"; (b) with {', '.join(args.semi_set)}" if args.semi_set else ""))
     for name, label in RUNS.items():
         r = results[name]
         print(f"  ({name}) {label:42s} Anterior {r['Anterior']:.4f}  Posterior {r['Posterior']:.4f}  "

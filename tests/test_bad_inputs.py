@@ -464,7 +464,7 @@ CASES: list[Bad] = [
         r"pickled objects other than tensors .*refuses without running them"),
     Bad("checkpoint-missing", "cli", lambda w, e: Scenario(
         predict_args(e, nifti(w / "ct.nii.gz"), w / "out", model=w / "best.pt"), "best.pt"),
-        r"does not exist; pass the best.pt"),
+        r"does not exist; pass the final.pt, best.pt"),
     # ---- ONNX
     Bad("onnx-not-onnx", "cli", lambda w, e: (
         (w / "model.onnx").write_text("not a protobuf"),

@@ -129,7 +129,7 @@ def test_train_folds_ensemble_record_resume_and_predict(tiny_dataset, tmp_path, 
     cfg = config_from_dict({**tree, "folds": 2})
     run = Path(cfg.output_dir)
     record = read_ensemble(run)
-    assert record["complete"] and record["members"] == ["fold_0/best.pt", "fold_1/best.pt"]
+    assert record["complete"] and record["members"] == ["fold_0/final.pt", "fold_1/final.pt"]  # each fold's final weights
     val = [record["validation"][f"fold_{k}"]["cases"] for k in (0, 1)]
     training = sorted(p.name.split("_0000")[0] for p in (tiny_dataset / "imagesTr").glob("*_0000.nii.gz"))
     assert sorted(val[0] + val[1]) == training and not set(val[0]) & set(val[1])
@@ -160,10 +160,10 @@ def test_train_folds_ensemble_record_resume_and_predict(tiny_dataset, tmp_path, 
     assert np.array_equal(mask.array, predictor.predict([image]).array)
 
     # a run folder whose record lists a checkpoint that is gone: the error names it
-    (run / "fold_1" / "best.pt").unlink()
-    with pytest.raises(InputError, match="fold_1/best.pt"):
+    (run / "fold_1" / "final.pt").unlink()
+    with pytest.raises(InputError, match="fold_1/final.pt"):
         open_predictor(run)
-    with pytest.raises(InputError, match="without best.pt or ensemble.json"):
+    with pytest.raises(InputError, match="without final.pt, best.pt or ensemble.json"):
         open_predictor(tmp_path)
 
 
@@ -188,7 +188,15 @@ def test_ensemble_json_is_written_after_each_fold(tiny_dataset, tmp_path, monkey
     record = json.loads((Path(cfg.output_dir) / "ensemble.json").read_text())
     assert record["members"] == ["fold_0/best.pt"] and not record["complete"] and record["folds"] == 3
     calls.clear()
-    monkeypatch.setattr(folds_module, "fit", lambda config, resume=False: (
-        calls.append(Path(config.output_dir).name) or FitResult(Path(config.output_dir), 1, 0.6, False)))
+    def finishing_fit(config, resume=False):
+        calls.append(Path(config.output_dir).name)
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.output_dir) / "final.pt").write_bytes(b"x")
+        return FitResult(Path(config.output_dir), 1, 0.6, False)
+
+    monkeypatch.setattr(folds_module, "fit", finishing_fit)
     assert len(train_folds(cfg, resume=True).folds) == 3
     assert calls == ["fold_1", "fold_2"]
+    record = json.loads((Path(cfg.output_dir) / "ensemble.json").read_text())
+    # each fold's model: final.pt where the schedule ran to its end, else best.pt
+    assert record["members"] == ["fold_0/best.pt", "fold_1/final.pt", "fold_2/final.pt"] and record["complete"]

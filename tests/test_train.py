@@ -13,7 +13,7 @@ import yaml
 from resunet import ResunetError
 from resunet.demo import prepare_dataset
 from resunet.infer.predictor import Predictor
-from resunet.model.checkpoint import load_checkpoint, save_checkpoint
+from resunet.model.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
 from resunet.model.load import model_from_checkpoint
 from resunet.train.config import config_from_dict, load_config, parse_overrides
 from resunet.train.stages import lr_factor, stage_for_epoch
@@ -67,8 +67,12 @@ def test_training_lowers_loss_raises_dice_and_writes_the_run_folder(tiny_dataset
     assert len(rows) == 5
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert float(rows[-1]["val_dice_mean"]) > float(rows[0]["val_dice_mean"])
-    for name in ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt"):
+    for name in ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt", "final.pt"):
         assert (run / name).is_file(), name
+    # the run's model is the end of the schedule: final.pt holds last.pt's weights, without the state
+    final, last = load_checkpoint(run / "final.pt"), load_checkpoint(run / "last.pt")
+    assert run_checkpoint(run) == run / "final.pt" and final["epoch"] == last["epoch"] == cfg.total_epochs
+    assert final["weights_sha256"] == last["weights_sha256"] and "training_state" not in final
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the written config reproduces the run's config
     assert config_from_dict(yaml.safe_load((run / "config.yaml").read_text())) == cfg
@@ -226,6 +230,17 @@ def test_two_process_ddp_with_torchrun(tiny_dataset, tmp_path):
 def test_example_config_in_the_repository_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "ct_2d.yaml")
     assert cfg.stages[0].batch_size == 16 and cfg.stages[1].patch_size == [256, 256]
+
+
+def test_a_run_cut_short_has_no_final_checkpoint_and_its_model_is_best(tiny_dataset, tmp_path):
+    """Stopped by its time budget before the schedule's end: no final.pt; the run's model is best.pt."""
+    cfg = config_from_dict(tiny_config(tiny_dataset, tmp_path, max_minutes=1e-5))
+    result = fit(cfg)
+    assert 1 <= result.epochs_run < cfg.total_epochs
+    assert not (result.run_dir / "final.pt").exists() and run_checkpoint(result.run_dir) == result.run_dir / "best.pt"
+    (result.run_dir / "best.pt").unlink()
+    with pytest.raises(ResunetError, match="no final.pt or best.pt"):
+        run_checkpoint(result.run_dir)
 
 
 def test_a_run_behind_its_plan_trains_fewer_epochs_within_the_budget():

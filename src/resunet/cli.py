@@ -131,6 +131,7 @@ def train(
     from resunet.train.folds import ENSEMBLE_FILE, train_folds
     from resunet.train.signals import TrainingInterrupted
     from resunet.train.trainer import fit
+    from resunet.model import run_checkpoint
 
     started = time.perf_counter()
     if resume is not None:
@@ -166,6 +167,7 @@ def train(
         else:
             result = fit(cfg, resume=resume is not None)
             summary, run_dir = f"{result.epochs_run} epochs, best val Dice {result.best_val_dice}", result.run_dir
+            summary += f"; model {run_checkpoint(run_dir).name}" if os.environ.get("RANK", "0") == "0" else ""
     except TrainingInterrupted as stop:  # SIGINT / SIGTERM: last.pt written; say where and how to resume
         Console(stderr=True).print(str(stop), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_code) from None
@@ -222,8 +224,8 @@ def demo(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt), exported .onnx, or a run folder "
-                               "(a --folds run: its folds ensembled)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.pt), exported .onnx, or a run folder "
+                               "(its final.pt, else best.pt; a --folds run: its folds ensembled)."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image file, DICOM series folder, or folder of cases."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (or file name for a single case)."),
     dicomweb: Optional[str] = typer.Option(
@@ -365,7 +367,7 @@ def compare(
 
 @app.command()
 def export(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) of a training run."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (final.pt / best.pt) of a training run."),
     output: Path = typer.Option(..., "--output", "-o", help="File to write (.onnx or .pt/.ts)."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
 ) -> None:
@@ -493,7 +495,7 @@ def serve_http(
 
 @serve_app.command("dicom")
 def serve_dicom(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (best.pt) or a run folder (a --folds run: its folds ensembled)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.pt) or a run folder (its final.pt, else best.pt; a --folds run: its folds ensembled)."),
     dest: Optional[str] = typer.Option(
         None, "--dest", help="Where SEGs go by C-STORE: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)."),
     dest_dicomweb: Optional[str] = typer.Option(

@@ -22,6 +22,7 @@ from resunet.data.io import atomic_write, read_volume, write_volume
 from resunet.errors import InputError
 from resunet.evaluation import evaluate_folders
 from resunet.infer.predictor import Predictor
+from resunet.model import run_checkpoint
 from resunet.nets import count_macs, count_parameters
 from resunet.train.config import TrainConfig
 from resunet.train.trainer import fit, split_cases
@@ -83,7 +84,7 @@ def compare_models(base: TrainConfig, models: list[str], out: Path, minutes: flo
         cfg.max_minutes = minutes
         console.rule(f"{name}")
         result = fit(cfg, resume=(cfg.output_dir / "last.pt").exists())
-        predictor = Predictor.from_file(result.run_dir / "best.pt")
+        predictor = Predictor.from_file(run_checkpoint(result.run_dir))
         pred_dir = out / name / "predictions"
         pred_dir.mkdir(exist_ok=True)
         shape = None

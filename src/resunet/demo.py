@@ -35,6 +35,7 @@ from resunet.data.io import read_volume, write_volume
 from resunet.data.volume import Volume
 from resunet.errors import InputError
 from resunet.metrics import dice, dice_from_counts
+from resunet.model import run_checkpoint
 
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 SLAB_THICKNESS = 20  # slices
@@ -270,7 +271,7 @@ def run_demo(out: Path, minutes: float = 8.0) -> dict[str, dict[str, float]]:
         config = plan.config
     result = fit(config, resume=resume)
 
-    predictor = Predictor.from_file(run_dir / "best.pt", batch_size=8, tta=True)  # flip TTA: +0.002 Dice, ~10 s
+    predictor = Predictor.from_file(run_checkpoint(run_dir), batch_size=8, tta=True)  # flip TTA: +0.002 Dice, ~10 s
     train_ids = _case_ids(dataset / "imagesTr")
     rule = ThresholdRule.fit(
         [read_volume(dataset / "imagesTr" / f"{c}_0000.nii.gz").array for c in train_ids],
@@ -322,7 +323,7 @@ def _print_summary(summary, names, out, run_dir, overlays, seconds, epochs, rule
     console.print(f"re-acquired = the same slabs on a {' x '.join(f'{s:g}' for s in REACQUIRED_SPACING)} mm grid tilted "
                   f"{REACQUIRED_TILT_DEG[0]:g} + {REACQUIRED_TILT_DEG[1]:g} degrees, partial volume, then corrupted")
     console.print(f"trained {epochs} epochs; total demo time {seconds / 60:.1f} min")
-    console.print(f"model:        {run_dir / 'best.pt'}")
+    console.print(f"model:        {run_checkpoint(run_dir)}")
     console.print(f"curves:       {run_dir / 'curves.png'}  (metrics: {run_dir / 'metrics.csv'})")
     console.print(f"predictions:  {out / 'predictions'}, {out / 'predictions_corrupted'}, {out / 'predictions_reacquired'} "
                   "(NIfTI, each input's geometry)")

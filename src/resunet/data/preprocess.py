@@ -15,7 +15,7 @@ Conventions
   the spatial axes in array order; the origin of the cropped volume is the world position of the
   first kept voxel, so every kept voxel keeps its world position.
 - **Order of operations** in :func:`preprocess_case` (as nnU-Net): stack channels -> crop to the
-  non-zero region -> normalise intensities -> resample. :func:`restore_original_geometry` undoes
+  non-zero region -> (MR bias correction, N4) -> normalise intensities -> resample. :func:`restore_original_geometry` undoes
   the last two spatial steps in reverse (resample back to the cropped shape, then un-crop).
 """
 
@@ -502,6 +502,10 @@ class PreprocessConfig(BaseModel):
     #: clip every channel to ``(low, high)`` (input units) before normalising (nnU-Net's CT scheme
     #: clips to the 0.5 / 99.5 percentiles of the training foreground, then "fixed").
     intensity_clip: tuple[float, float] | None = None
+    #: channels whose MR bias field N4 removes (`resunet.data.bias_correction`) after cropping,
+    #: before normalising; () none. Opt-in: the planner never sets it (measured: a flexible field
+    #: also flattens tissue contrast; see that module).
+    n4_channels: tuple[int, ...] = ()
 
     @field_validator("ct_window")
     @classmethod
@@ -641,6 +645,22 @@ def _stack_images(images: Sequence[Volume]) -> Volume:
         spatial_ndim=ref.spatial_ndim,
         meta=dict(ref.meta),
     )
+
+
+def _correct_bias(image: np.ndarray, channels: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """``image`` ``(C, *spatial)`` with N4 applied to ``channels`` (a copy; the input unchanged)."""
+    if not channels:
+        return image
+    bad = [c for c in channels if not 0 <= c < image.shape[0]]
+    if bad:
+        raise InputError(f"n4_channels {list(channels)} name channel(s) {bad}, but the image has "
+                         f"{image.shape[0]} channel(s)")
+    from resunet.data.bias_correction import n4_correct
+
+    out = image.astype(np.float32, copy=True)
+    for c in sorted(set(channels)):
+        out[c] = n4_correct(out[c], spacing)
+    return out
 
 
 def _normalise(image: np.ndarray, cfg: PreprocessConfig, spatial_ndim: int) -> np.ndarray:
@@ -819,7 +839,8 @@ def preprocess_case(
     properties["shape_after_crop"] = [int(s) for s in image_vol.shape]
     properties["origin_after_crop"] = [float(o) for o in image_vol.origin]
 
-    image = _normalise(np.asarray(image_vol.array), cfg, n)
+    image = _correct_bias(np.asarray(image_vol.array), cfg.n4_channels, image_vol.spacing)
+    image = _normalise(image, cfg, n)
     lab = None if label_vol is None else np.asarray(label_vol.array)
 
     spacing = image_vol.spacing

@@ -10,8 +10,8 @@ give back the mean exactly, so resampling to the input grid, the argmax, ``--sav
 and post-processing are `Predictor`'s own code.
 
 `open_predictor` opens what ``resunet predict -m`` names: a checkpoint or ONNX file, a run folder
-holding ``ensemble.json`` (`resunet.train.folds`) or that file itself, or a run folder with
-``best.pt``.
+holding ``ensemble.json`` (`resunet.train.folds`) or that file itself, or any other run folder
+(its model: `resunet.model.run_checkpoint`, ``final.pt`` else ``best.pt``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from resunet.errors import InputError, ModelError
 from resunet.infer.predictor import PostprocessConfig, Predictor
+from resunet.model import run_checkpoint
 
 #: probabilities are clamped to [EPS, 1 - EPS] before the log, so a class no member predicts stays finite
 EPS = 1e-7
@@ -126,9 +127,9 @@ def open_predictor(path: str | Path, **kwargs: Any) -> Predictor:
     path = Path(path)
     is_record = path.is_file() and path.suffix == ".json"
     if path.is_dir() and not (path / "ensemble.json").is_file():
-        if (path / "best.pt").is_file():
-            return Predictor.from_file(path / "best.pt", **kwargs)
-        raise InputError(f"{path} is a folder without best.pt or ensemble.json; pass a checkpoint (best.pt), an "
+        if any((path / name).is_file() for name in ("final.pt", "best.pt")):
+            return Predictor.from_file(run_checkpoint(path), **kwargs)
+        raise InputError(f"{path} is a folder without final.pt, best.pt or ensemble.json; pass a checkpoint, an "
                          "exported .onnx file or the folder of a `resunet train` run")
     if not (path.is_dir() or is_record):
         return Predictor.from_file(path, **kwargs)

@@ -5,12 +5,20 @@ checkpoints, prediction / export / serving read them); it sits just above `resun
 `resunet.nets`, whose configs it holds.
 """
 
-from resunet.model.checkpoint import checkpoint_payload, load_checkpoint, load_matching_weights, save_checkpoint
+from resunet.model.checkpoint import (
+    FINAL_CHECKPOINT,
+    checkpoint_payload,
+    load_checkpoint,
+    load_matching_weights,
+    run_checkpoint,
+    save_checkpoint,
+)
 from resunet.model.load import LoadedModel, load_model, model_from_checkpoint
 from resunet.model.paths import cache_root
 from resunet.model.spec import InferenceSpec, ModelSpec
 
 __all__ = [
+    "FINAL_CHECKPOINT",
     "InferenceSpec",
     "LoadedModel",
     "ModelSpec",
@@ -20,5 +28,6 @@ __all__ = [
     "load_matching_weights",
     "load_model",
     "model_from_checkpoint",
+    "run_checkpoint",
     "save_checkpoint",
 ]

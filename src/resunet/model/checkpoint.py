@@ -24,6 +24,25 @@ from resunet.model.spec import ModelSpec
 
 FORMAT = "resunet-checkpoint"
 VERSION = 1
+#: the weights at the end of the whole LR schedule (weights only), written when a run completes it
+FINAL_CHECKPOINT = "final.pt"
+#: the weights of the best validation Dice so far (the last weights when nothing validates)
+BEST_CHECKPOINT = "best.pt"
+
+
+def run_checkpoint(run_dir: Path | str) -> Path:
+    """The checkpoint that is a run's model: ``final.pt`` when the run completed its LR schedule
+    (nnU-Net also predicts with its final checkpoint), else ``best.pt`` (a run that stopped early,
+    by early stopping, its time budget or a signal). The schedule ends at LR 0, so the final
+    weights are the converged ones; the best-validated weights are a noisy pick when few cases
+    validate (measured on MSD hippocampus, 20 labelled cases of which 2 validate: best.pt came from
+    epoch 5 of 28 and scored 0.838 held-out Dice, final.pt 0.869). `ModelError` when neither exists."""
+    run_dir = Path(run_dir)
+    for name in (FINAL_CHECKPOINT, BEST_CHECKPOINT):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ModelError(f"{run_dir} holds no {FINAL_CHECKPOINT} or {BEST_CHECKPOINT}: it is not a finished `resunet "
+                     f"train` run folder (an interrupted one continues with `resunet train --resume {run_dir}`)")
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -53,7 +72,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Read and verify a checkpoint; every failure is a `ModelError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run folder")
+        raise ModelError(f"checkpoint {path} does not exist; pass the final.pt, best.pt or last.pt of a run folder, or the folder")
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol says nothing to users
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

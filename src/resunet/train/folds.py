@@ -4,10 +4,10 @@
 of the budget): the labelled cases are split into K parts by `fold_splits` (a seeded permutation
 dealt round-robin, so the parts differ in size by at most one case and every case validates in
 exactly one fold). Fold ``k`` trains on the other K - 1 parts in ``<output_dir>/fold_<k>/`` (a whole
-`fit` run: ``best.pt``, ``last.pt``, ``metrics.csv``) and validates on part ``k``. Unlabelled images
+`fit` run: ``final.pt``, ``best.pt``, ``last.pt``, ``metrics.csv``) and validates on part ``k``. Unlabelled images
 (semi-supervised) are shared by every fold and validate in none.
 
-``<output_dir>/ensemble.json`` lists the finished folds (``members``: ``fold_<k>/best.pt``), each
+``<output_dir>/ensemble.json`` lists the finished folds (``members``: each fold's model, `run_checkpoint`), each
 fold's validation cases and best validation Dice, and their mean: the cross-validation estimate,
 every case scored by the one model that did not train on it. It is rewritten after every fold, so
 ``resume`` skips finished folds and continues the interrupted one from its ``last.pt``.
@@ -27,6 +27,7 @@ from rich.console import Console
 from resunet.data.datasets import find_dataset
 from resunet.data.io import atomic_write
 from resunet.errors import ConfigError
+from resunet.model import run_checkpoint
 from resunet.train.config import TrainConfig, dump_config
 from resunet.train.trainer import FitResult, fit
 
@@ -78,7 +79,7 @@ def read_ensemble(run_dir: Path | str) -> dict:
 def _write_ensemble(run_dir: Path, config: TrainConfig, splits: list[list[str]], done: dict[int, FitResult]) -> None:
     record = {
         "folds": len(splits),
-        "members": [f"fold_{k}/best.pt" for k in sorted(done)],
+        "members": [str(run_checkpoint(run_dir / f"fold_{k}").relative_to(run_dir)) for k in sorted(done)],
         "validation": {f"fold_{k}": {"cases": splits[k], "best_val_dice": done[k].best_val_dice,
                                      "epochs_run": done[k].epochs_run} for k in sorted(done)},
         "cv_dice": FoldsResult(run_dir, [done[k] for k in sorted(done)]).cv_dice if done else None,
@@ -106,7 +107,7 @@ def train_folds(config: TrainConfig, resume: bool = False) -> FoldsResult:
     done: dict[int, FitResult] = {}
     for name, record in previous.get("validation", {}).items():
         k = int(name.split("_")[1])
-        if (run_dir / name / "best.pt").is_file():
+        if any((run_dir / name / f).is_file() for f in ("final.pt", "best.pt")):
             done[k] = FitResult(run_dir / name, record["epochs_run"], record["best_val_dice"], False)
     for k, val in enumerate(splits):
         if k in done:

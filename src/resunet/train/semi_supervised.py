@@ -20,7 +20,7 @@ Each iteration (`MeanTeacher.step`), next to the labelled batch:
    ``d = min(ema_decay, 1 - 1 / (t + 1))`` (the teacher starts as the student and only averages
    once there is something to average); BatchNorm running statistics are averaged alike.
 
-Validation and checkpoints use the STUDENT: ``best.pt`` / ``last.pt`` hold its weights, so they are
+Validation and checkpoints use the STUDENT: ``final.pt`` / ``best.pt`` / ``last.pt`` hold its weights, so they are
 ordinary ResUNet checkpoints that `resunet predict` and `load_model` use unchanged; the teacher
 lives only in ``last.pt``'s training state (``training_state["semi_supervised"]``) to resume.
 

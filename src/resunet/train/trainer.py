@@ -40,7 +40,7 @@ from resunet.data.sampling import PatchSampler
 from resunet.errors import ConfigError
 from resunet.hardware import resolve_device
 from resunet.losses import DiceFocalLoss
-from resunet.model import ModelSpec, cache_root, checkpoint_payload, load_checkpoint, load_matching_weights, save_checkpoint
+from resunet.model import FINAL_CHECKPOINT, ModelSpec, cache_root, checkpoint_payload, load_checkpoint, load_matching_weights, save_checkpoint
 from resunet.nets import build_model
 from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -236,9 +236,12 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, dist_info: Dis
     run = _start(config, device, dist_info, stop, resume)
     stopped_early = _train_epochs(run)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    if dist_info.is_main and not best_path.exists() and last_path.exists():
-        # no validation cases: the last weights are the best we have
-        save_checkpoint(best_path, {k: v for k, v in load_checkpoint(last_path).items() if k != "training_state"})
+    if dist_info.is_main and last_path.exists():
+        weights = {k: v for k, v in load_checkpoint(last_path).items() if k != "training_state"}
+        if not best_path.exists():  # no validation cases: the last weights are the best we have
+            save_checkpoint(best_path, weights)
+        if not stopped_early and weights["epoch"] == config.total_epochs:  # the schedule ran to its end
+            save_checkpoint(run_dir / FINAL_CHECKPOINT, weights)
     return FitResult(run_dir, run.epochs_run, run.best, stopped_early)
 
 
