@@ -404,11 +404,14 @@ def _candidate_config(tree: dict[str, Any], candidate: dict[str, Any], fp: Datas
 def _validation_seconds(fp: DatasetFingerprint, n_cases: int, candidate: dict[str, Any], step_seconds: float,
                         spacing: Any) -> float:
     """Estimated seconds of one validation pass: forward passes over ``n_cases`` median cases
-    (a forward pass costs about a third of a training step; 3-D windows overlap by half)."""
+    (a forward pass costs about a third of a training step; 3-D windows overlap by half), plus a
+    per-case overhead that grows with the case (loading, padding, metrics): 0.05 s + 0.5 s per
+    million voxels. Measured: 52 hippocampus cases (61 k voxels each) validated in ~4 s, where a
+    flat 0.5 s per case had planned 29 s and left a 3-fold run 6 of its 10 minutes unused."""
     if not n_cases:
         return 0.0
     voxels = float(np.prod(fp.median_shape_at(tuple(spacing))))
     per_step = float(np.prod(candidate["patch_size"])) * candidate["batch_size"]
     if candidate["mode"] == "3d":
         per_step /= 8.0  # 50 % overlap in three axes
-    return n_cases * voxels / per_step * step_seconds / 3.0 + 0.5 * n_cases
+    return n_cases * (voxels / per_step * step_seconds / 3.0 + 0.05 + 0.5 * voxels / 1e6)
