@@ -25,7 +25,7 @@ import torch
 
 from resunet.errors import InputError, ModelError
 from resunet.infer.predictor import PostprocessConfig, Predictor
-from resunet.model import run_checkpoint
+from resunet.model import find_run_checkpoint
 
 #: probabilities are clamped to [EPS, 1 - EPS] before the log, so a class no member predicts stays finite
 EPS = 1e-7
@@ -127,8 +127,9 @@ def open_predictor(path: str | Path, **kwargs: Any) -> Predictor:
     path = Path(path)
     is_record = path.is_file() and path.suffix == ".json"
     if path.is_dir() and not (path / "ensemble.json").is_file():
-        if any((path / name).is_file() for name in ("final.pt", "best.pt")):
-            return Predictor.from_file(run_checkpoint(path), **kwargs)
+        model = find_run_checkpoint(path)
+        if model is not None:
+            return Predictor.from_file(model, **kwargs)
         raise InputError(f"{path} is a folder without final.pt, best.pt or ensemble.json; pass a checkpoint, an "
                          "exported .onnx file or the folder of a `resunet train` run")
     if not (path.is_dir() or is_record):

@@ -8,6 +8,7 @@ checkpoints, prediction / export / serving read them); it sits just above `resun
 from resunet.model.checkpoint import (
     FINAL_CHECKPOINT,
     checkpoint_payload,
+    find_run_checkpoint,
     load_checkpoint,
     load_matching_weights,
     run_checkpoint,
@@ -24,6 +25,7 @@ __all__ = [
     "ModelSpec",
     "cache_root",
     "checkpoint_payload",
+    "find_run_checkpoint",
     "load_checkpoint",
     "load_matching_weights",
     "load_model",

@@ -30,6 +30,14 @@ FINAL_CHECKPOINT = "final.pt"
 BEST_CHECKPOINT = "best.pt"
 
 
+def find_run_checkpoint(run_dir: Path | str) -> Path | None:
+    """`run_checkpoint`, or None when the folder holds neither file."""
+    for name in (FINAL_CHECKPOINT, BEST_CHECKPOINT):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
 def run_checkpoint(run_dir: Path | str) -> Path:
     """The checkpoint that is a run's model: ``final.pt`` when the run completed its LR schedule
     (nnU-Net also predicts with its final checkpoint), else ``best.pt`` (a run that stopped early,
@@ -37,10 +45,9 @@ def run_checkpoint(run_dir: Path | str) -> Path:
     weights are the converged ones; the best-validated weights are a noisy pick when few cases
     validate (measured on MSD hippocampus, 20 labelled cases of which 2 validate: best.pt came from
     epoch 5 of 28 and scored 0.838 held-out Dice, final.pt 0.869). `ModelError` when neither exists."""
-    run_dir = Path(run_dir)
-    for name in (FINAL_CHECKPOINT, BEST_CHECKPOINT):
-        if (run_dir / name).is_file():
-            return run_dir / name
+    found = find_run_checkpoint(run_dir)
+    if found is not None:
+        return found
     raise ModelError(f"{run_dir} holds no {FINAL_CHECKPOINT} or {BEST_CHECKPOINT}: it is not a finished `resunet "
                      f"train` run folder (an interrupted one continues with `resunet train --resume {run_dir}`)")
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from resunet.data.datasets import find_dataset
 from resunet.data.io import atomic_write
 from resunet.errors import ConfigError
-from resunet.model import run_checkpoint
+from resunet.model import find_run_checkpoint, run_checkpoint
 from resunet.train.config import TrainConfig, dump_config
 from resunet.train.trainer import FitResult, fit
 
@@ -107,7 +107,7 @@ def train_folds(config: TrainConfig, resume: bool = False) -> FoldsResult:
     done: dict[int, FitResult] = {}
     for name, record in previous.get("validation", {}).items():
         k = int(name.split("_")[1])
-        if any((run_dir / name / f).is_file() for f in ("final.pt", "best.pt")):
+        if find_run_checkpoint(run_dir / name) is not None:
             done[k] = FitResult(run_dir / name, record["epochs_run"], record["best_val_dice"], False)
     for k, val in enumerate(splits):
         if k in done:
