@@ -11,7 +11,7 @@ are the unlabelled images. Three nnU-Net raw folders of symlinks, in a temporary
 
     (a) the 20 labelled cases alone
     (b) the 20 labelled cases + the other 136 images in ``imagesUnlabelled/``, with
-        ``semi_supervised.enabled=true`` (mean teacher)
+        ``semi_supervised.enabled=true`` (mean teacher; ``--semi-set method=pseudo_label``: pseudo-labels)
     (c) all 156 cases labelled
 
 One plan (`resunet plan` on (a), for ``--minutes``) is trained on all three (`resunet train --config
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,8 @@ def train_and_score(name: str, dataset: Path, plan: Path, val: list[str], out: P
     ``semi_sets`` overrides), predict the held-out images, score them."""
     resunet = [sys.executable, "-m", "resunet"]
     run_dir = out / f"run_{name}"
+    if run_dir.exists():  # a variant of (b) replaces the earlier one
+        shutil.rmtree(run_dir)
     cmd = [*resunet, "train", "--config", str(plan), "--set", f"data.dataset={dataset}", "-o", str(run_dir)]
     if val:
         cmd += ["--set", f"data.val_cases=[{', '.join(val)}]"]
@@ -146,7 +149,9 @@ def main() -> None:
     ap.add_argument("--labelled", type=int, default=20, help="labelled cases of runs (a) and (b)")
     ap.add_argument("--out", type=Path, default=Path("bench-semi-supervised"))
     ap.add_argument("--semi-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a semi_supervised setting for run (b), e.g. unlabelled_batch_size=8 (repeatable)")
+                    help="a semi_supervised setting for run (b), e.g. method=pseudo_label (repeatable)")
+    ap.add_argument("--runs", default="abc", help="the runs to train now (e.g. b: a variant of (b)); the "
+                    "others, and the plan, are taken from an earlier run's --out folder")
     args = ap.parse_args()
     if not (args.data / "dataset.json").is_file():
         print(f"skipped: {args.data} not found (MSD Task04_Hippocampus; see ../shared/DATA.md)")
@@ -156,22 +161,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pool_root, held = make_split(args.data.resolve(), out / "split")
     names = ["Anterior", "Posterior"]
-    results = {}
+    earlier = out / "results.json"
+    results = json.loads(earlier.read_text()) if earlier.is_file() and args.runs != "abc" else {}
+    missing = [k for k in RUNS if k not in args.runs and k not in results]
+    if missing:
+        raise SystemExit(f"--runs {args.runs}: no earlier results for run(s) {missing} in {earlier}; train them too")
     with tempfile.TemporaryDirectory(prefix="bench-semi-") as tmp:
         datasets = make_datasets(pool_root, Path(tmp), args.labelled)
         plan = out / "plan.yaml"
-        run([sys.executable, "-m", "resunet", "plan", str(datasets["a"]), "--minutes", str(args.minutes),
-             "-o", str(plan)], out / "plan.log")
+        if args.runs == "abc" or not plan.is_file():  # a variant of one run keeps the earlier plan
+            run([sys.executable, "-m", "resunet", "plan", str(datasets["a"]), "--minutes", str(args.minutes),
+                 "-o", str(plan)], out / "plan.log")
         val = validation_cases(plan, datasets["a"])
         for name in RUNS:
-            results[name] = train_and_score(name, datasets[name], plan, val, out, out / "split" / "test", names,
-                                            args.semi_set)
+            if name in args.runs:
+                results[name] = train_and_score(name, datasets[name], plan, val, out, out / "split" / "test",
+                                                names, args.semi_set)
     n_pool = len(json.loads((pool_root / "dataset.json").read_text())["training"])
     print(f"MSD Task04 Hippocampus, {len(held)} held-out cases (bench_hippocampus's fixed fifth); {args.labelled} "
           f"of the {n_pool} training cases labelled ({len(val)} of them validate); one plan, {args.minutes:g} min per run"
           + (f"; (b) with {', '.join(args.semi_set)}" if args.semi_set else ""))
+    method = next((v.split("=", 1)[1] for v in args.semi_set if v.startswith("method=")), "mean_teacher")
     for name, label in RUNS.items():
         r = results[name]
+        label = label.replace("mean teacher", method.replace("_", " ")) if name == "b" else label
         print(f"  ({name}) {label:42s} Anterior {r['Anterior']:.4f}  Posterior {r['Posterior']:.4f}  "
               f"mean {r['mean']:.4f}  ({r['epochs_run']} epochs, {r['train_minutes']:.1f} min)")
     a, b, c = (results[k] for k in "abc")

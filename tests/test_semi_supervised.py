@@ -363,12 +363,13 @@ def test_the_planner_times_the_semi_supervised_step(dataset, tmp_path, monkeypat
 def test_the_train_command_tells_the_planner_about_semi_supervised_training(tmp_path):
     from resunet.cli import _semi_requested
 
-    assert not _semi_requested(None, {})
-    assert _semi_requested(None, {"semi_supervised": {"enabled": True}})
+    assert _semi_requested(None, {}) is None
+    assert _semi_requested(None, {"semi_supervised": {"enabled": True}}) == "mean_teacher"
     yaml_file = tmp_path / "extra.yaml"
     yaml_file.write_text("semi_supervised:\n  enabled: true\n")
-    assert _semi_requested(yaml_file, {})
-    assert not _semi_requested(yaml_file, {"semi_supervised": {"enabled": False}})  # --set wins
+    assert _semi_requested(yaml_file, {}) == "mean_teacher"
+    assert _semi_requested(yaml_file, {"semi_supervised": {"method": "pseudo_label"}}) == "pseudo_label"
+    assert _semi_requested(yaml_file, {"semi_supervised": {"enabled": False}}) is None  # --set wins
 
 
 DDP_DRIVER = """

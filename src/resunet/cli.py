@@ -89,9 +89,10 @@ def plan(
     minutes: float = typer.Option(10.0, help="Training budget in minutes (the whole `resunet train` run)."),
     out: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the plan as YAML (for train --config)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="output_dir the plan writes into (default runs/NAME)."),
-    semi_supervised: bool = typer.Option(
-        False, "--semi-supervised", help="Also train on the dataset's unlabelled images (mean teacher; "
-        "see semi_supervised in docs/config.md): timed with the semi-supervised step."),
+    semi_supervised: Optional[str] = typer.Option(
+        None, "--semi-supervised", metavar="METHOD", help="Also train on the dataset's unlabelled images, by "
+        "mean_teacher (timed with its step) or pseudo_label (its labelling passes reserved); see "
+        "semi_supervised in docs/config.md."),
     folds: int = _FOLDS,
 ) -> None:
     """Fingerprint a dataset, time candidate networks here and print the training plan with reasons."""
@@ -191,9 +192,10 @@ def _planned_config(dataset: Path, minutes: float, config: Optional[Path], tree:
     return cfg
 
 
-def _semi_requested(config: Optional[Path], tree: dict) -> bool:
-    """Do ``--config`` / ``--set`` switch ``semi_supervised.enabled`` on (the plan must know: it then
-    accepts unlabelled images and times the semi-supervised step)?"""
+def _semi_requested(config: Optional[Path], tree: dict) -> Optional[str]:
+    """The semi-supervised method ``--config`` / ``--set`` switch on (``semi_supervised.enabled``,
+    ``.method``), None when off. The plan must know: it then accepts unlabelled images and times
+    or reserves what the method costs."""
     import yaml
 
     from resunet.train.config import merge_trees
@@ -206,7 +208,9 @@ def _semi_requested(config: Optional[Path], tree: dict) -> bool:
             extra = {}  # the plan's own reading of --config reports it
     merged = merge_trees(extra if isinstance(extra, dict) else {}, tree)
     semi = merged.get("semi_supervised")
-    return bool(isinstance(semi, dict) and semi.get("enabled"))
+    if not (isinstance(semi, dict) and semi.get("enabled")):
+        return None
+    return str(semi.get("method") or "mean_teacher")
 
 
 @app.command()

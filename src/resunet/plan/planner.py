@@ -107,6 +107,20 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _semi_supervised(tree: dict[str, Any], method: str, n_unlabelled: int) -> Choice:
+    """``tree["semi_supervised"]`` for ``method`` (`SemiSupervisedConfig`), and why."""
+    if method not in ("mean_teacher", "pseudo_label"):
+        raise InputError(f"semi-supervised method must be mean_teacher or pseudo_label, got {method!r}")
+    tree["semi_supervised"] = {"enabled": True, "method": method}
+    if method == "mean_teacher":
+        return Choice("semi_supervised", "mean teacher", f"{n_unlabelled} unlabelled case(s); the candidates are "
+                      "timed with the mean-teacher step")
+    tree["semi_supervised"]["pseudo_label_at"] = [0.4, 0.7]
+    return Choice("semi_supervised", "pseudo-labels at 40 % and 70 % of the epochs",
+                  f"{n_unlabelled} unlabelled case(s), labelled twice by the model (a forward pass each, "
+                  "reserved in the budget); the steps are supervised steps")
+
+
 def _label_layout(info: DatasetInfo, fp: DatasetFingerprint) -> int:
     """Output channels (`label_layout`'s check of the label values), and every class somewhere."""
 
@@ -140,13 +154,14 @@ def plan_dataset(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
-    semi_supervised: bool = False,
+    semi_supervised: str | None = None,
     folds: int = 1,
 ) -> Plan:
     """Plan a training run on ``dataset`` that fits ``minutes`` (the whole command, from
-    ``started``, a `time.perf_counter` value; default now) on this machine. ``semi_supervised``:
-    the run also trains on the dataset's unlabelled images (mean teacher): they are allowed (not
-    problems), and the candidates are timed with the semi-supervised step. ``folds`` K > 1: K
+    ``started``, a `time.perf_counter` value; default now) on this machine. ``semi_supervised``
+    (``"mean_teacher"`` / ``"pseudo_label"``, None: off): the run also trains on the dataset's
+    unlabelled images by that method: they are allowed (not problems); a mean teacher's candidates
+    are timed with its step, pseudo-labelling reserves its labelling passes. ``folds`` K > 1: K
     models are trained one after another (`resunet.train.folds`), each on (K-1)/K of the cases
     and validating on the rest, so each gets 1/K of the time left after planning."""
 
@@ -155,7 +170,7 @@ def plan_dataset(
         raise InputError(f"the budget must be positive minutes, got {minutes}")
     if not 1 <= folds <= 10:
         raise InputError(f"--folds must be 1 (no cross-validation) to 10, got {folds}")
-    info = find_dataset(dataset, unlabelled=semi_supervised)
+    info = find_dataset(dataset, unlabelled=bool(semi_supervised))
     validate_dataset(info)
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
     fp = fingerprint_dataset(info, cache, progress=progress)
@@ -185,15 +200,13 @@ def plan_dataset(
     }
     choices.append(Choice("loss", "Dice + CE", "nnU-Net's loss; +0.002 Dice over Dice + focal in the demo"))
     if semi_supervised:
-        tree["semi_supervised"] = {"enabled": True}
-        choices.append(Choice("semi_supervised", "mean teacher", f"{len(info.unlabelled)} unlabelled case(s); "
-                              "the candidates are timed with the semi-supervised step"))
+        choices.append(_semi_supervised(tree, semi_supervised, len(info.unlabelled)))
 
     # the cache: built now with the planned preprocessing (training reuses it; unlabelled images too)
     index = build_cache(info.training + info.unlabelled, PreprocessConfig.model_validate(preprocess), cache,
                         label_reader=lambda p: read_label(p, info), progress=progress)
     cases = [index.load(c.case_id) for c in info.training if c.label is not None]
-    search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device, folds)
+    search = _CandidateSearch(tree, planned, cases, out_channels, minutes, t0, device, folds, len(info.unlabelled))
     three_d, two_d, mode_reason = rules.geometry_candidates(planned, preprocess["target_spacing"], minutes)
     candidate, seconds, minimum = search.choose(three_d, two_d)
     choices += _geometry_choices(candidate, search, bool(three_d), mode_reason, planned, minutes, minimum)
@@ -221,8 +234,9 @@ class _CandidateSearch:
     """
 
     def __init__(self, tree: dict[str, Any], fp: DatasetFingerprint, cases: list, out_channels: int,
-                 minutes: float, t0: float, device: str, folds: int = 1) -> None:
+                 minutes: float, t0: float, device: str, folds: int = 1, n_unlabelled: int = 0) -> None:
         self.tree, self.fp, self.cases, self.out_channels = tree, fp, cases, out_channels
+        self.n_unlabelled = n_unlabelled
         self.minutes, self.t0, self.device, self.folds = minutes, t0, device, folds
         self.in_channels = int(cases[0].image.shape[0])
         self.n_train = fp.num_cases - int(round(fp.num_cases * tree["data"]["val_fraction"]))
@@ -342,8 +356,12 @@ def _schedule_and_augment(tree: dict[str, Any], candidate: dict[str, Any], secon
     come off), validation interval, augmentation, warm-up: the final config (``choices`` grows)."""
     fp, minutes = search.fp, search.minutes
     val_cases = int(round(fp.num_cases * tree["data"]["val_fraction"]))
-    validation_s = _validation_seconds(fp, val_cases, candidate, seconds, tree["data"]["preprocess"]["target_spacing"])
+    spacing = tree["data"]["preprocess"]["target_spacing"]
+    validation_s = _validation_seconds(fp, val_cases, candidate, seconds, spacing)
     left = search.training_seconds_left()
+    semi = tree.get("semi_supervised", {})
+    if semi.get("method") == "pseudo_label":  # each labelling is a forward pass over the unlabelled cases
+        left -= len(semi["pseudo_label_at"]) * _validation_seconds(fp, search.n_unlabelled, candidate, seconds, spacing)
     n_validations = 5 if val_cases else 0
     epochs, per_epoch, why = rules.plan_schedule(seconds * LOOP_OVERHEAD, left - n_validations * validation_s, minutes,
                                                  search.folds)

@@ -3,7 +3,7 @@
 The planner sizes a run from what one step costs HERE: `time_training` builds the candidate's
 model, sampler and augmentation on the real preprocessed cases and times complete iterations
 (batch sampling + augmentation + forward + loss + backward + optimiser step) exactly as the
-trainer runs them (with ``semi_supervised.enabled``, the mean-teacher step, the labelled cases
+trainer runs them (with the ``mean_teacher`` semi-supervised method, the mean-teacher step, the labelled cases
 standing in for the unlabelled ones: the cost depends on the patch and batch sizes only). The
 figure is the MEAN of ``repeats`` iterations after ``warmup`` ones: the augmentation's cost varies from batch to batch (a rotated 3-D batch costs a resampling an
 unrotated one does not), and the fastest of a few was measured 25 % under the epochs' real pace
@@ -79,7 +79,7 @@ def time_training(
     scaler = torch.amp.GradScaler(device.type, enabled=settings.uses_scaler)
     sampler, generator = _sampler(config, cases), augment_generator(config.seed, 0)
     semi = (MeanTeacher(config, model, [(c.image, None) for c in cases], device, settings=settings)
-            if config.semi_supervised.enabled else None)
+            if config.semi_supervised.enabled and config.semi_supervised.method == "mean_teacher" else None)
     times, losses = [], []
     t0 = time.perf_counter()
     with BatchLoader(lambda: make_batch(sampler, config.augment, generator, device, settings),

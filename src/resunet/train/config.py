@@ -7,7 +7,7 @@ can be repeated and a checkpoint can be predicted with nothing else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -91,13 +91,24 @@ class StageConfig(_Strict):
 
 
 class SemiSupervisedConfig(_Strict):
-    """Mean teacher on unlabelled images (`resunet.train.semi_supervised`): an EMA teacher of the
-    student, and a consistency loss between their predictions on two views of the same patch."""
+    """Training on unlabelled images too, by one of two methods: ``mean_teacher``
+    (`resunet.train.semi_supervised`: an EMA teacher of the student, and a consistency loss between
+    their predictions on two views of the same patch) or ``pseudo_label``
+    (`resunet.train.pseudo_labels`: the model labels the unlabelled images during the run, and they
+    train as labelled cases from then on)."""
 
     enabled: bool = Field(
         False, description="also train on unlabelled images: nnU-Net imagesTr/ images without a labelsTr/ file, "
         "imagesUnlabelled/ (channel files named as in imagesTr/; MSD: one file per case), MSD 'training' entries "
         "without 'label', images/ pictures without a mask; never used as labelled (training or validation)")
+    method: Literal["mean_teacher", "pseudo_label"] = Field(
+        "mean_teacher", description="mean_teacher: a consistency loss on every step (a step costs more); "
+        "pseudo_label: the model's own labels of the unlabelled images join the labelled cases at the "
+        "pseudo_label_at points of the schedule (a step costs what a supervised one does)")
+    pseudo_label_at: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        [0.4, 0.7], min_length=1, description="pseudo_label: fractions of the epochs after which the current model "
+        "(re)labels the unlabelled images; from the first on, half of the sampled cases are labelled, half "
+        "pseudo-labelled")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="teacher = d * teacher + (1 - d) * student after "
                              "every step (d = min(ema_decay, 1 - 1 / (step + 1)): the teacher starts as the student)")
     consistency: Literal["mse", "kl"] = Field(

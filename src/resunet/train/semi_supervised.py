@@ -132,7 +132,7 @@ def global_iteration(stages: Sequence[StageConfig], epoch: int, iteration: int) 
     return sum(stage_for_epoch(stages, e)[1].iterations_per_epoch for e in range(epoch)) + int(iteration)
 
 
-def unlabelled_summary(info: DatasetInfo) -> str:
+def unlabelled_summary(info: DatasetInfo, method: str = "mean_teacher") -> str:
     """How many unlabelled cases ``info`` (from ``find_dataset(root, unlabelled=True)``) holds, and
     where from; `ConfigError` saying where to put them when there are none."""
     if not info.unlabelled:
@@ -146,7 +146,8 @@ def unlabelled_summary(info: DatasetInfo) -> str:
         raise ConfigError(f"semi_supervised.enabled is set but dataset {info.root} holds no unlabelled image; put "
                           f"them in {where}, or set semi_supervised.enabled=false")
     parts = ", ".join(f"{n} from {k}" for k, n in info.unlabelled_sources.items() if n)
-    return (f"semi-supervised (mean teacher): {len(info.unlabelled)} unlabelled case(s) ({parts}), "
+    how = "mean teacher" if method == "mean_teacher" else "pseudo-labels"
+    return (f"semi-supervised ({how}): {len(info.unlabelled)} unlabelled case(s) ({parts}), "
             f"{len(info.training)} labelled")
 
 

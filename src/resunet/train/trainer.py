@@ -13,9 +13,11 @@ weights equal an uninterrupted run's (deterministic CPU). A signal arriving duri
 the end-of-epoch save is acted on at the next iteration boundary; one arriving after the last
 iteration of the last epoch lets the run finish normally.
 
-``semi_supervised.enabled``: the unlabelled images join the cache and every step is a mean-teacher
-step (`resunet.train.semi_supervised`); the teacher is in ``last.pt``'s training state, the
-student is validated and saved.
+``semi_supervised.enabled``: the unlabelled images join the cache. ``method: mean_teacher``: every
+step is a mean-teacher step (`resunet.train.semi_supervised`); the teacher is in ``last.pt``'s
+training state, the student is validated and saved. ``method: pseudo_label``
+(`resunet.train.pseudo_labels`): at the planned epochs the model labels the unlabelled images and
+the epochs' samplers draw from them too; the steps are supervised steps.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from resunet.train.loader import BatchLoader
 from resunet.train.logger import RunLogger
+from resunet.train.pseudo_labels import PseudoLabeller
 from resunet.train.semi_supervised import MeanTeacher, unlabelled_summary
 from resunet.train.precision import StepChoice, StepSettings, candidate_settings, choose_step_settings
 from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
@@ -182,7 +185,8 @@ class _Run:
     start_iteration: int = 0  # resumed mid-epoch: iterations of ``start_epoch`` already trained
     resumed_losses: list[float] = field(default_factory=list)
     epochs_run: int = 0
-    semi: MeanTeacher | None = None  # semi_supervised.enabled: the teacher and the unlabelled draws
+    semi: MeanTeacher | None = None  # semi_supervised mean_teacher: the teacher and the unlabelled draws
+    pseudo: PseudoLabeller | None = None  # semi_supervised pseudo_label: the labels of the unlabelled cases
     selection_seconds: float = 0.0  # spent choosing the precision / memory format
     data_wait_seconds: float = 0.0  # the last epoch's time blocked on batches
     channel_names: list[str] = field(default_factory=list)  # the dataset's, one per modality
@@ -220,8 +224,8 @@ class _Run:
                 "best": self.best, "bad_validations": self.bad_validations,
                 "step_settings": self.step_choice.to_dict(),
             }
-            if self.semi is not None:
-                record["training_state"]["semi_supervised"] = self.semi.state_dict()
+            if self.semi is not None or self.pseudo is not None:
+                record["training_state"]["semi_supervised"] = (self.semi or self.pseudo).state_dict()
         return checkpoint_payload(spec, self.model.state_dict(), **record)
 
 
@@ -252,7 +256,7 @@ def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int
     semi = config.semi_supervised.enabled
     info = find_dataset(config.data.dataset, unlabelled=semi)
     if semi:
-        summary = unlabelled_summary(info)  # ConfigError on every rank when there are none
+        summary = unlabelled_summary(info, config.semi_supervised.method)  # ConfigError on every rank when there are none
         if dist_info.is_main:
             console.print(summary)
     validate_dataset(info)
@@ -293,7 +297,9 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     )
     ckpt = load_checkpoint(run.run_dir / "last.pt", map_location=device) if resume else None
     _settle_step_settings(run, ckpt)
-    if config.semi_supervised.enabled:  # after the settings: the teacher gets the model's memory format
+    if config.semi_supervised.enabled and config.semi_supervised.method == "pseudo_label":
+        run.pseudo = PseudoLabeller(config, unlabelled, run.run_dir, dist_info)
+    elif config.semi_supervised.enabled:  # after the settings: the teacher gets the model's memory format
         run.semi = MeanTeacher(config, run.model, unlabelled, device, dist_info, run.settings)
     if ckpt is not None:
         _restore(run, ckpt)
@@ -363,15 +369,15 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
     # stopped by a signal mid-epoch: iterations of epoch `start_epoch` already done, their losses
     run.start_iteration, run.resumed_losses = int(state.get("iteration", 0)), list(state.get("epoch_losses", []))
     run.logger.restore(ckpt["history"])
-    if run.semi is not None:
-        run.semi.load_state_dict(state.get("semi_supervised"), str(run.run_dir / "last.pt"))
+    if run.semi is not None or run.pseudo is not None:
+        (run.semi or run.pseudo).load_state_dict(state.get("semi_supervised"), str(run.run_dir / "last.pt"))
 
 
 def _train_epochs(run: _Run) -> bool:
     """The epoch loop (time budget, stages, validation, checkpoints, pace, early stop); True when
     early stopping ended it."""
     config, dist_info = run.config, run.dist
-    stage_index, sampler = -1, None
+    sampler_key, sampler = None, None
     # the precision measurement counts against the budget like an epoch does
     t_start, epoch_seconds = time.perf_counter() - run.selection_seconds, 0.0
     t_first_end = t_start
@@ -383,12 +389,13 @@ def _train_epochs(run: _Run) -> bool:
         if _budget_spent(config, t0 - t_start + epoch_seconds, dist_info, epoch):
             break
         idx, stage = stage_for_epoch(config.stages, epoch)
-        if idx != stage_index:
-            stage_index = idx
-            sampler = PatchSampler(
-                run.train_cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
-                context=config.data.context, seed=0,
-            )
+        if run.pseudo is not None and run.pseudo.due(epoch):
+            run.pseudo.relabel(run.model, epoch, stage, amp=run.settings.dtype is not None)
+        if sampler_key != (idx, run.pseudo.epoch if run.pseudo else None):  # a new stage or new pseudo-labels
+            sampler_key = (idx, run.pseudo.epoch if run.pseudo else None)
+            cases = run.pseudo.training_cases(run.train_cases) if run.pseudo else run.train_cases
+            sampler = PatchSampler(cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
+                                   context=config.data.context, seed=0)
         sampler.reseed(config.seed, epoch, dist_info.rank)
         losses = _train_epoch(run, epoch, idx, stage, sampler)
         row = _end_epoch(run, epoch, idx, stage, losses, time.perf_counter() - t0)
