@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import track
 from torch import nn
 
 from resunet.data.io import atomic_write
@@ -113,7 +114,8 @@ class PseudoLabeller:
         broadcast_from_main([b for b in model.buffers() if b.dtype.is_floating_point], self.dist)
         device = next(model.parameters()).device
         labels = []
-        for case in self.cases:
+        for case in track(self.cases, description=f"pseudo-labels before epoch {epoch + 1}", console=console,
+                          transient=True, disable=not self.dist.is_main):
             image = torch.from_numpy(np.array(case.image, dtype=np.float32)).to(device)
             logits = predict_case_logits(model, image, mode=data.mode, context=data.context, divisor=model.divisor,
                                          patch_size=stage.patch_size, batch_size=self.config.val_batch_size, amp=amp)
