@@ -21,20 +21,8 @@ from resunet.train.pseudo_labels import PSEUDO_LABEL_FOLDER, PseudoLabeller, lab
 from resunet.train.signals import TrainingInterrupted
 from resunet.train.trainer import fit
 
-from test_semi_supervised import EXTRA, NO_LABEL, make_dataset, no_curves, semi_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("pseudo") / "Dataset001_Squares")
+# the fixtures too: one thread for these tiny networks, and the squares dataset (one per module)
+from test_semi_supervised import EXTRA, NO_LABEL, dataset, no_curves, one_thread, semi_config  # noqa: F401
 
 
 def test_labelling_epochs_have_their_known_values():

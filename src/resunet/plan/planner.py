@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import yaml
@@ -33,7 +33,7 @@ from resunet.plan.fingerprint import DatasetFingerprint, fingerprint_dataset
 from resunet.plan.rules import Choice
 from resunet.train.precision import StepSettings
 from resunet.plan.timing import planned_step_settings, time_training
-from resunet.train.config import TrainConfig, config_from_dict, dump_config, merge_trees
+from resunet.train.config import SemiSupervisedConfig, TrainConfig, config_from_dict, dump_config, merge_trees
 
 __all__ = ["DEFAULT_MINUTES", "Plan", "plan_dataset"]
 
@@ -109,16 +109,18 @@ def _show(value: Any) -> str:
 
 def _semi_supervised(tree: dict[str, Any], method: str, n_unlabelled: int) -> Choice:
     """``tree["semi_supervised"]`` for ``method`` (`SemiSupervisedConfig`), and why."""
-    if method not in ("mean_teacher", "pseudo_label"):
-        raise InputError(f"semi-supervised method must be mean_teacher or pseudo_label, got {method!r}")
+    methods = get_args(SemiSupervisedConfig.model_fields["method"].annotation)
+    if method not in methods:
+        raise InputError(f"semi-supervised method must be {' or '.join(methods)}, got {method!r}")
     tree["semi_supervised"] = {"enabled": True, "method": method}
     if method == "mean_teacher":
         return Choice("semi_supervised", "mean teacher", f"{n_unlabelled} unlabelled case(s); the candidates are "
                       "timed with the mean-teacher step")
-    tree["semi_supervised"]["pseudo_label_at"] = [0.4, 0.7]
-    return Choice("semi_supervised", "pseudo-labels at 40 % and 70 % of the epochs",
-                  f"{n_unlabelled} unlabelled case(s), labelled twice by the model (a forward pass each, "
-                  "reserved in the budget); the steps are supervised steps")
+    at = list(SemiSupervisedConfig().pseudo_label_at)
+    tree["semi_supervised"]["pseudo_label_at"] = at
+    return Choice("semi_supervised", f"pseudo-labels at {' and '.join(f'{f:.0%}' for f in at)} of the epochs",
+                  f"{n_unlabelled} unlabelled case(s), labelled {len(at)} time(s) by the model (a forward pass "
+                  "each, reserved in the budget); the steps are supervised steps")
 
 
 def _label_layout(info: DatasetInfo, fp: DatasetFingerprint) -> int:

@@ -391,8 +391,9 @@ def _train_epochs(run: _Run) -> bool:
         idx, stage = stage_for_epoch(config.stages, epoch)
         if run.pseudo is not None and run.pseudo.due(epoch):
             run.pseudo.relabel(run.model, epoch, stage, amp=run.settings.dtype is not None)
-        if sampler_key != (idx, run.pseudo.epoch if run.pseudo else None):  # a new stage or new pseudo-labels
-            sampler_key = (idx, run.pseudo.epoch if run.pseudo else None)
+        key = (idx, run.pseudo.epoch if run.pseudo else None)
+        if sampler_key != key:  # a new stage, or new pseudo-labels
+            sampler_key = key
             cases = run.pseudo.training_cases(run.train_cases) if run.pseudo else run.train_cases
             sampler = PatchSampler(cases, stage.patch_size, stage.batch_size, config.data.foreground_fraction,
                                    context=config.data.context, seed=0)
