@@ -81,6 +81,17 @@ def test_relabel_takes_the_models_argmax_and_writes_it(tmp_path, mode, context):
     assert not labeller.due(1)  # these labels are epoch 1's already
 
 
+def test_the_lr_schedule_restarts_at_each_labelling_epoch(tmp_path):
+    cfg = config_from_dict(semi_config(Path("."), tmp_path / "run", method="pseudo_label"))
+    cfg.stages = [cfg.stages[0].model_copy(update={"epochs": 10, "iterations_per_epoch": 10})]
+    cfg.schedule.warmup_iterations, cfg.semi_supervised.pseudo_label_at = 0, [0.4, 0.7]
+    factor = trainer._lr_schedule(cfg)
+    assert labelling_epochs(10, [0.4, 0.7]) == [4, 7]
+    assert factor(39) < 0.05 and factor(40) == 1.0 and factor(69) < 0.1 and factor(70) == 1.0
+    cfg.semi_supervised.method = "mean_teacher"  # one decay over the run
+    assert trainer._lr_schedule(cfg)(40) == pytest.approx((1 - 40 / 100) ** cfg.schedule.poly_exponent)
+
+
 def test_resume_reloads_the_labels_of_its_epoch_and_names_a_missing_file(tmp_path):
     labeller, cases = _labeller(tmp_path)
     labeller.relabel(SignModel(), 3, labeller.config.stages[0], amp=False)

@@ -94,6 +94,26 @@ def test_stage_plan_and_lr_schedule():
     assert f(2) > f(10) > f(17) > 0  # poly decay over all 18 iterations
 
 
+def test_lr_schedule_restarts_at_the_given_epochs():
+    """Cycles: the decay ends just before each restart epoch and starts again (warm-up first) at its
+    first iteration; every cycle decays over its own iterations, across a stage boundary too."""
+    from resunet.train.config import ScheduleConfig, StageConfig
+
+    stages = [StageConfig(patch_size=[32, 32], batch_size=2, epochs=4, iterations_per_epoch=10),
+              StageConfig(patch_size=[64, 64], batch_size=2, epochs=6, iterations_per_epoch=5)]
+    schedule = ScheduleConfig(kind="poly", warmup_iterations=2)
+    plain, cycled = lr_factor(schedule, stages), lr_factor(schedule, stages, [3, 6])
+    # epoch 3 starts at iteration 30, epoch 6 at 40 + 2 * 5 = 50; the run has 70 iterations
+    first_cycle = lr_factor(schedule, [StageConfig(patch_size=[32, 32], batch_size=2, epochs=3, iterations_per_epoch=10)])
+    assert [cycled(i) for i in range(30)] == [first_cycle(i) for i in range(30)]
+    assert cycled(29) < 0.05 and cycled(49) < 0.1 and cycled(69) < 0.1  # each cycle decays to its end
+    assert cycled(30) == cycled(50) == pytest.approx(0.5) and cycled(31) == cycled(51) == pytest.approx(1.0)
+    assert cycled(35) > cycled(45) and cycled(55) > cycled(65)
+    assert plain(29) > 0.5  # without restarts the same iteration is mid-decay
+    # restart epochs outside the run (0, or past the end) change nothing
+    assert [lr_factor(schedule, stages, [0, 10, 12])(i) for i in range(70)] == [plain(i) for i in range(70)]
+
+
 def test_resume_after_sigkill_gives_the_same_weights(tiny_dataset, tmp_path):
     """Kill a training process mid-run, resume it, and get bit-identical weights (deterministic CPU)."""
     import signal

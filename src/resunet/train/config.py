@@ -107,8 +107,8 @@ class SemiSupervisedConfig(_Strict):
         "pseudo_label_at points of the schedule (a step costs what a supervised one does)")
     pseudo_label_at: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
         [0.4, 0.7], min_length=1, description="pseudo_label: fractions of the epochs after which the current model "
-        "(re)labels the unlabelled images; from the first on, half of the sampled cases are labelled, half "
-        "pseudo-labelled")
+        "(re)labels the unlabelled images; the LR schedule restarts there; from the first on, half "
+        "of the sampled cases are labelled, half pseudo-labelled")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="teacher = d * teacher + (1 - d) * student after "
                              "every step (d = min(ema_decay, 1 - 1 / (step + 1)): the teacher starts as the student)")
     consistency: Literal["mse", "kl"] = Field(

@@ -5,9 +5,12 @@ unlabelled images during the run, and they train as labelled cases from then on.
 first fraction of ``semi_supervised.pseudo_label_at`` of its epochs (default 0.4 and 0.7); at the
 start of each of those epochs (`labelling_epochs`) the current model (eval mode, the run's
 precision) predicts every unlabelled case at the cached geometry and its argmax becomes that
-case's label (`PseudoLabeller.relabel`). From then on each epoch's sampler draws from the labelled
-cases repeated ``r = round(unlabelled / labelled)`` times plus the pseudo-labelled ones, so about
-half the patches carry a real label (`training_cases`).
+case's label (`PseudoLabeller.relabel`). The LR schedule restarts at each labelling epoch
+(`resunet.train.stages.lr_factor`'s cycles): the labelling model has finished a decay, as a
+separately trained teacher would have, and the student gets a whole decay of its own on the new
+labels. From then on each epoch's sampler draws from the labelled cases repeated
+``r = round(unlabelled / labelled)`` times plus the pseudo-labelled ones, so about half the
+patches carry a real label (`training_cases`).
 
 Why this method next to the mean teacher: a step costs exactly a supervised step (the mean
 teacher runs an unlabelled batch through two networks on every step, which on a CPU budget costs

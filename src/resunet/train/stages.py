@@ -2,7 +2,7 @@
 
 A run is a list of stages (e.g. 128 px / batch 16, then 256 px / batch 4) trained one after the
 other on the same weights. The LR schedule runs over the iterations of ALL stages, times each
-stage's ``lr_scale``.
+stage's ``lr_scale``, optionally in cycles that restart at given epochs (pseudo-labelling).
 """
 
 from __future__ import annotations
@@ -23,20 +23,31 @@ def stage_for_epoch(stages: Sequence[StageConfig], epoch: int) -> tuple[int, Sta
     raise ValueError(f"epoch {epoch} is past the last stage (total {end} epochs)")
 
 
-def lr_factor(schedule: ScheduleConfig, stages: Sequence[StageConfig]) -> Callable[[int], float]:
-    """Multiplier of the base LR at global iteration ``it`` (for `torch.optim.lr_scheduler.LambdaLR`)."""
+def lr_factor(schedule: ScheduleConfig, stages: Sequence[StageConfig],
+              restart_epochs: Sequence[int] = ()) -> Callable[[int], float]:
+    """Multiplier of the base LR at global iteration ``it`` (for `torch.optim.lr_scheduler.LambdaLR`).
+
+    The decay (and the warm-up) runs over the iterations of all stages; ``restart_epochs``
+    (0-based) cut it into cycles: at the first iteration of each such epoch the schedule starts
+    again (warm-up, then the decay over that cycle's iterations), so the weights before it have
+    been trained to the end of a decay (pseudo-labelling labels with them)."""
     bounds = []  # (first iteration of the stage, lr_scale)
+    epoch_starts = [0]  # first iteration of every epoch
     start = 0
     for stage in stages:
         bounds.append((start, stage.lr_scale))
         start += stage.epochs * stage.iterations_per_epoch
+        epoch_starts += [epoch_starts[-1] + stage.iterations_per_epoch * (k + 1) for k in range(stage.epochs)]
     total = max(1, start)
+    cycles = sorted({0, *(epoch_starts[e] for e in restart_epochs if 0 < e < len(epoch_starts) - 1)}) + [total]
 
     def factor(it: int) -> float:
         scale = next(s for first, s in reversed(bounds) if it >= first)
-        if schedule.warmup_iterations and it < schedule.warmup_iterations:
-            return scale * (it + 1) / schedule.warmup_iterations
-        progress = min(1.0, it / total)
+        first, end = next((a, b) for a, b in zip(cycles, cycles[1:]) if it < b or b == total)
+        into = it - first
+        if schedule.warmup_iterations and into < schedule.warmup_iterations:
+            return scale * (into + 1) / schedule.warmup_iterations
+        progress = min(1.0, into / max(1, end - first))
         if schedule.kind == "poly":
             base = (1.0 - progress) ** schedule.poly_exponent
         elif schedule.kind == "cosine":

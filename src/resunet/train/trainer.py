@@ -17,7 +17,8 @@ iteration of the last epoch lets the run finish normally.
 step is a mean-teacher step (`resunet.train.semi_supervised`); the teacher is in ``last.pt``'s
 training state, the student is validated and saved. ``method: pseudo_label``
 (`resunet.train.pseudo_labels`): at the planned epochs the model labels the unlabelled images and
-the epochs' samplers draw from them too; the steps are supervised steps.
+the epochs' samplers draw from them too; the steps are supervised steps, and the LR schedule
+restarts at each labelling epoch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from resunet.train.loader import BatchLoader
 from resunet.train.logger import RunLogger
-from resunet.train.pseudo_labels import PseudoLabeller
+from resunet.train.pseudo_labels import PseudoLabeller, labelling_epochs
 from resunet.train.semi_supervised import MeanTeacher, unlabelled_summary
 from resunet.train.precision import StepChoice, StepSettings, candidate_settings, choose_step_settings
 from resunet.train.signals import StopRequest, TrainingInterrupted, signal_name
@@ -277,6 +278,15 @@ def _load_cases(config: TrainConfig, dist_info: DistInfo) -> tuple[dict[str, int
             [index.load(c.case_id) for c in info.unlabelled], list(info.channel_names))
 
 
+def _lr_schedule(config: TrainConfig) -> Callable[[int], float]:
+    """The run's LR multiplier per iteration: pseudo-labelling restarts it at each labelling epoch,
+    so every labelling is done by weights at the end of a decay."""
+    semi = config.semi_supervised
+    restarts = (labelling_epochs(config.total_epochs, semi.pseudo_label_at)
+                if semi.enabled and semi.method == "pseudo_label" else ())
+    return lr_factor(config.schedule, config.stages, restarts)
+
+
 def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop: StopRequest,
            resume: bool) -> _Run:
     """Data, model, optimiser, schedule, logger; the saved state when resuming, else the config written."""
@@ -290,7 +300,7 @@ def _start(config: TrainConfig, device: torch.device, dist_info: DistInfo, stop:
     optimizer = make_optimizer(model, config)
     run = _Run(
         config, device, dist_info, stop, labels, out_channels, train_cases, val_cases, model, model, optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.stages)),
+        torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config)),
         torch.amp.GradScaler(device.type, enabled=False),
         make_loss(config), RunLogger(Path(config.output_dir), [n for n, v in labels.items() if v != 0],
                                      enabled=dist_info.is_main), channel_names=channel_names,
@@ -406,7 +416,7 @@ def _train_epochs(run: _Run) -> bool:
             t_first_end = now
         pace = (now - t_first_end) / (run.epochs_run - 1) if run.epochs_run >= 3 else None
         if _keep_to_budget(config, run.epochs_run, epoch + 1, now - t_start, pace, dist_info):
-            run.scheduler.lr_lambdas[0] = lr_factor(config.schedule, config.stages)
+            run.scheduler.lr_lambdas[0] = _lr_schedule(config)
         if config.early_stopping_patience and run.bad_validations >= config.early_stopping_patience:
             if dist_info.is_main:
                 console.print(f"early stopping: no improvement in {run.bad_validations} validations")
