@@ -128,13 +128,14 @@ def train(
     Works under torchrun for DDP."""
     import time
 
+    started = time.perf_counter()  # before the imports below (torch): the budget is the command's
+
     from resunet.train.config import load_config, parse_overrides
     from resunet.train.folds import ENSEMBLE_FILE, train_folds
     from resunet.train.signals import TrainingInterrupted
     from resunet.train.trainer import fit
     from resunet.model import run_checkpoint
 
-    started = time.perf_counter()
     if resume is not None:
         if not (resume / "last.pt").is_file() and not (resume / ENSEMBLE_FILE).is_file():
             raise ResunetError(
