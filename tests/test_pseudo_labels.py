@@ -3,6 +3,7 @@ the label files, and a short `fit` that labels the unlabelled images and resumes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -17,7 +18,8 @@ from resunet.errors import ConfigError, InputError
 from resunet.model import load_checkpoint
 from resunet.plan.planner import _semi_supervised
 from resunet.train.config import config_from_dict
-from resunet.train.pseudo_labels import PSEUDO_LABEL_FOLDER, PseudoLabeller, labelling_epochs, training_cases
+from resunet.train.pseudo_labels import (PSEUDO_LABEL_FOLDER, PseudoLabeller, case_confidence, curriculum_keep,
+                                        labelling_epochs, training_cases)
 from resunet.train.signals import TrainingInterrupted
 from resunet.train.trainer import fit
 
@@ -77,7 +79,7 @@ def test_relabel_takes_the_models_argmax_and_writes_it(tmp_path, mode, context):
         assert got.image is case.image  # the cached memory map itself, not a copy
         np.testing.assert_array_equal(np.load(tmp_path / "run" / PSEUDO_LABEL_FOLDER / "epoch_0001" / "u0.npy"),
                                       labeller.labelled[0].label)
-    assert labeller.state_dict() == {"epoch": 1}
+    assert labeller.state_dict() == {"epoch": 1, "cases": ["u0", "u1", "u2"]}
     assert not labeller.due(1)  # these labels are epoch 1's already
 
 
@@ -90,6 +92,48 @@ def test_the_lr_schedule_restarts_at_each_labelling_epoch(tmp_path):
     assert factor(39) < 0.05 and factor(40) == 1.0 and factor(69) < 0.1 and factor(70) == 1.0
     cfg.semi_supervised.method = "mean_teacher"  # one decay over the run
     assert trainer._lr_schedule(cfg)(40) == pytest.approx((1 - 40 / 100) ** cfg.schedule.poly_exponent)
+
+
+def test_case_confidence_and_the_curriculum_have_their_known_values():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 3.0]]])  # (K=2, 2, 2)
+    p1, p3 = torch.sigmoid(torch.tensor(1.0)), torch.sigmoid(torch.tensor(3.0))  # the two foreground voxels
+    assert case_confidence(logits) == pytest.approx(float(p1 + p3) / 2)
+    assert case_confidence(torch.zeros(2, 3, 3)) == 0.0  # ties go to class 0: no foreground, least trusted
+    assert case_confidence(torch.tensor([[[-4.0, 2.0]]])) == pytest.approx(float(torch.sigmoid(torch.tensor(2.0))))
+    confidence = [0.5, 0.9, 0.7, 0.6, 0.9]
+    assert curriculum_keep(confidence, 1, 2) == [1, 2, 4]  # ceil(5 / 2) = 3 surest, in case order
+    assert curriculum_keep(confidence, 1, 3) == [1, 4]
+    assert curriculum_keep(confidence, 2, 2) == [0, 1, 2, 3, 4]
+
+
+def _scaled_labeller(tmp_path: Path, curriculum: bool = True) -> tuple[PseudoLabeller, list[int]]:
+    """Four cases whose intensity scale sets the SignModel's confidence (0.1 least, 3 most sure)."""
+    rng = np.random.default_rng(0)
+    cases = [SimpleNamespace(case_id=f"u{i}", image=(scale * rng.normal(size=(1, 5, 12, 10))).astype(np.float32))
+             for i, scale in enumerate((0.1, 3.0, 1.0, 0.3))]
+    cfg = config_from_dict(semi_config(Path("."), tmp_path / "run", method="pseudo_label"))
+    cfg.data.mode, cfg.data.context = "2d", 1
+    cfg.semi_supervised.pseudo_label_curriculum = curriculum
+    cfg.stages = [cfg.stages[0].model_copy(update={"epochs": 10})]  # labellings before epochs 4 and 7
+    return PseudoLabeller(cfg, cases, tmp_path / "run"), labelling_epochs(cfg.total_epochs, cfg.semi_supervised.pseudo_label_at)
+
+
+def test_the_first_labelling_trains_the_surest_cases_and_the_last_all(tmp_path):
+    labeller, points = _scaled_labeller(tmp_path)
+    assert len(points) == 2
+    stage = labeller.config.stages[0].model_copy(update={"patch_size": [8, 8]})
+    labeller.relabel(SignModel(), points[0], stage, amp=False)
+    assert [c.case_id for c in labeller.labelled] == ["u1", "u2"]  # ceil(4 / 2) surest: scales 3 and 1
+    assert json.loads((labeller.folder(points[0]) / "confidence.json").read_text())["u1"] > 0.9
+    again, _ = _scaled_labeller(tmp_path)
+    again.config.stages = [again.config.stages[0].model_copy(update={"epochs": 7})]  # the schedule shrank
+    again.load_state_dict(labeller.state_dict())  # a resumed run trains the same cases
+    assert [c.case_id for c in again.labelled] == ["u1", "u2"]
+    labeller.relabel(SignModel(), points[1], stage, amp=False)
+    assert [c.case_id for c in labeller.labelled] == ["u0", "u1", "u2", "u3"]
+    everyone, _ = _scaled_labeller(tmp_path / "off", curriculum=False)
+    everyone.relabel(SignModel(), points[0], stage, amp=False)
+    assert len(everyone.labelled) == 4
 
 
 def test_resume_reloads_the_labels_of_its_epoch_and_names_a_missing_file(tmp_path):
@@ -141,7 +185,7 @@ def test_pseudo_label_fit_trains_on_the_labelled_images_and_resumes_exactly(data
     assert set(unlabelled) <= set(epoch_samplers[-1])  # epoch 2: the pseudo-labelled cases too
     assert "case_03" not in epoch_samplers[-1]  # the validation case never trains
     ckpt = load_checkpoint(full.run_dir / "last.pt")
-    assert ckpt["training_state"]["semi_supervised"] == {"epoch": 1}
+    assert ckpt["training_state"]["semi_supervised"] == {"epoch": 1, "cases": unlabelled}  # one labelling: all
 
     real_step, steps = trainer.train_step, []
 
@@ -156,7 +200,7 @@ def test_pseudo_label_fit_trains_on_the_labelled_images_and_resumes_exactly(data
     cfg = config_from_dict(semi_config(dataset, tmp_path / "stopped", method="pseudo_label"))
     with pytest.raises(TrainingInterrupted):
         fit(cfg)
-    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["training_state"]["semi_supervised"] == {"epoch": 1}
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["training_state"]["semi_supervised"] == {"epoch": 1, "cases": unlabelled}
     monkeypatch.setattr(trainer, "train_step", real_step)
     relabelled = []
     real_relabel = PseudoLabeller.relabel

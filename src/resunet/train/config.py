@@ -109,6 +109,9 @@ class SemiSupervisedConfig(_Strict):
         [0.4, 0.7], min_length=1, description="pseudo_label: fractions of the epochs after which the current model "
         "(re)labels the unlabelled images; the LR schedule restarts there; from the first on, half "
         "of the sampled cases are labelled, half pseudo-labelled")
+    pseudo_label_curriculum: bool = Field(
+        True, description="pseudo_label: at the k-th of K labellings only the k/K most confident unlabelled cases "
+        "train (confidence: mean top-class probability over the voxels labelled foreground); False: all of them")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="teacher = d * teacher + (1 - d) * student after "
                              "every step (d = min(ema_decay, 1 - 1 / (step + 1)): the teacher starts as the student)")
     consistency: Literal["mse", "kl"] = Field(

@@ -12,6 +12,12 @@ labels. From then on each epoch's sampler draws from the labelled cases repeated
 ``r = round(unlabelled / labelled)`` times plus the pseudo-labelled ones, so about half the
 patches carry a real label (`training_cases`).
 
+Curriculum (``semi_supervised.pseudo_label_curriculum``, on by default; Cascante-Bonilla et al.,
+AAAI 2021): at the k-th of K labellings only the ``ceil(k / K * n)`` most confident of the ``n`` unlabelled
+cases train (`case_confidence`: the mean top-class probability over the voxels the model calls
+foreground), so the first, weaker model contributes its surest labels only and the last labels
+every case.
+
 Why this method next to the mean teacher: a step costs exactly a supervised step (the mean
 teacher runs an unlabelled batch through two networks on every step, which on a CPU budget costs
 the steps it should buy); labelling costs one forward pass per unlabelled case per labelling,
@@ -19,14 +25,16 @@ about a validation pass over those cases. Trade-off: the labels carry the model'
 moment, hence the later re-labelling with a better model.
 
 State: the labels of labelling epoch ``e`` are written to ``<run>/pseudo_labels/epoch_<e>/<case>.npy``
-(uint8, written atomically) and kept; ``last.pt``'s training state says which epoch's labels are in
-use, so a resumed run reloads them instead of relabelling with weights from later in the epoch (the
+(uint8, written atomically) and kept, with each case's confidence (``confidence.json``); ``last.pt``'s
+training state says which epoch's labels are in use and which cases train on them, so a resumed run
+reloads them instead of relabelling with weights from later in the epoch (the
 resumed run then equals an uninterrupted one). Under DDP every rank labels every case with the same
 synchronised weights (the files are written by rank 0).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +53,11 @@ from resunet.infer.predictor import predict_case_logits
 from resunet.train.config import StageConfig, TrainConfig
 from resunet.train.distributed import DistInfo, broadcast_from_main
 
-__all__ = ["PSEUDO_LABEL_FOLDER", "PseudoLabelledCase", "PseudoLabeller", "labelling_epochs", "training_cases"]
+__all__ = ["PSEUDO_LABEL_FOLDER", "PseudoLabelledCase", "PseudoLabeller", "case_confidence", "curriculum_keep",
+           "labelling_epochs", "training_cases"]
 
 PSEUDO_LABEL_FOLDER = "pseudo_labels"
+CONFIDENCE_FILE = "confidence.json"
 
 console = Console(stderr=True)
 
@@ -69,6 +79,30 @@ def labelling_epochs(total_epochs: int, fractions: Sequence[float]) -> list[int]
     if total_epochs < 2:
         return []
     return sorted({int(min(total_epochs - 1, max(1, round(f * total_epochs)))) for f in fractions})
+
+
+def case_confidence(logits: torch.Tensor) -> float:
+    """How sure the model is of a case's label: the mean top-class probability over the voxels
+    whose label is not background (``logits`` ``(K, *S)``; one channel: sigmoid). 0.0 when no voxel
+    is foreground (an empty label is the least trusted)."""
+    logits = logits.float()
+    if logits.shape[0] == 1:
+        p = torch.sigmoid(logits[0])
+        top, foreground = torch.maximum(p, 1 - p), p > 0.5
+    else:
+        probs = torch.softmax(logits, dim=0)
+        top, label = probs.max(dim=0)
+        foreground = label > 0
+    return float(top[foreground].mean()) if bool(foreground.any()) else 0.0
+
+
+def curriculum_keep(confidence: Sequence[float], labelling: int, labellings: int) -> list[int]:
+    """Indices of the cases that train after the ``labelling``-th (1-based) of ``labellings``: the
+    ``ceil(labelling / labellings * n)`` most confident, in their original order (ties: earlier first)."""
+    n = len(confidence)
+    keep = min(n, -(-labelling * n // max(1, labellings)))
+    ranked = sorted(range(n), key=lambda i: (-confidence[i], i))[:keep]
+    return sorted(ranked)
 
 
 def training_cases(labelled: Sequence[Any], pseudo: Sequence[Any]) -> list[Any]:
@@ -116,13 +150,14 @@ class PseudoLabeller:
         # each rank's BatchNorm statistics are its own after a forward pass: label with rank 0's
         broadcast_from_main([b for b in model.buffers() if b.dtype.is_floating_point], self.dist)
         device = next(model.parameters()).device
-        labels = []
+        labels, confidence = [], []
         for case in track(self.cases, description=f"pseudo-labels before epoch {epoch + 1}", console=console,
                           transient=True, disable=not self.dist.is_main):
             image = torch.from_numpy(np.array(case.image, dtype=np.float32)).to(device)
             logits = predict_case_logits(model, image, mode=data.mode, context=data.context, divisor=model.divisor,
                                          patch_size=stage.patch_size, batch_size=self.config.val_batch_size, amp=amp)
             labels.append(logits_to_labels(logits).cpu().numpy())
+            confidence.append(case_confidence(logits))
         model.train(was_training)
         if self.dist.is_main:
             folder = self.folder(epoch)
@@ -130,21 +165,37 @@ class PseudoLabeller:
             for case, label in zip(self.cases, labels):
                 with atomic_write(folder / f"{case.case_id}.npy") as tmp:
                     np.save(tmp, label)
+            with atomic_write(folder / CONFIDENCE_FILE) as tmp:
+                Path(tmp).write_text(json.dumps(dict(zip([c.case_id for c in self.cases], confidence))))
+        self._use(epoch, labels, confidence)
+        if self.dist.is_main:
             console.print(f"pseudo-labels: {len(labels)} unlabelled case(s) labelled by the model before epoch "
-                          f"{epoch + 1} in {time.perf_counter() - t0:.0f} s ({folder})")
-        self._use(epoch, labels)
+                          f"{epoch + 1} in {time.perf_counter() - t0:.0f} s ({folder}); the "
+                          f"{len(self.labelled)} most confident train")
 
-    def _use(self, epoch: int, labels: list[np.ndarray]) -> None:
+    def _use(self, epoch: int, labels: list[np.ndarray], confidence: Sequence[float]) -> None:
+        """Labels of ``epoch`` in use; with the curriculum, only the most confident cases train."""
+        keep: Sequence[int] = range(len(self.cases))
+        semi = self.config.semi_supervised
+        points = labelling_epochs(self.config.total_epochs, semi.pseudo_label_at)
+        if semi.pseudo_label_curriculum and epoch in points:
+            keep = curriculum_keep(confidence, points.index(epoch) + 1, len(points))
+        self._keep(epoch, labels, [self.cases[i].case_id for i in keep])
+
+    def _keep(self, epoch: int, labels: list[np.ndarray], case_ids: Sequence[str]) -> None:
+        chosen = set(case_ids)
         self.epoch = epoch
-        self.labelled = [PseudoLabelledCase(c.case_id, c.image, lab) for c, lab in zip(self.cases, labels)]
+        self.labelled = [PseudoLabelledCase(c.case_id, c.image, lab)
+                         for c, lab in zip(self.cases, labels) if c.case_id in chosen]
 
     def training_cases(self, labelled: Sequence[Any]) -> list[Any]:
         """`training_cases` of ``labelled`` and the pseudo-labelled cases (none before the first labelling)."""
         return training_cases(labelled, self.labelled)
 
     def state_dict(self) -> dict[str, Any]:
-        """What ``last.pt`` keeps to resume: the labelling epoch of the labels in use (None: none yet)."""
-        return {"epoch": self.epoch}
+        """What ``last.pt`` keeps to resume: the labelling epoch of the labels in use (None: none yet)
+        and the cases that train on them (the curriculum's choice, kept even if the schedule shrinks)."""
+        return {"epoch": self.epoch, "cases": [c.case_id for c in self.labelled]}
 
     def load_state_dict(self, state: dict[str, Any] | None, source: str = "the checkpoint") -> None:
         if not state or "epoch" not in state:
@@ -157,4 +208,5 @@ class PseudoLabeller:
         if missing:
             raise ConfigError(f"{source} trains on the pseudo-labels of epoch {epoch}, but {folder} lacks "
                               f"{missing[:3]}{' ...' if len(missing) > 3 else ''}; restore that folder or start a new run")
-        self._use(epoch, [np.load(folder / f"{c.case_id}.npy") for c in self.cases])
+        self._keep(epoch, [np.load(folder / f"{c.case_id}.npy") for c in self.cases],
+                   state.get("cases", [c.case_id for c in self.cases]))
