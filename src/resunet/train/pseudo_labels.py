@@ -159,6 +159,7 @@ class PseudoLabeller:
             labels.append(logits_to_labels(logits).cpu().numpy())
             confidence.append(case_confidence(logits))
         model.train(was_training)
+        self._use(epoch, labels, confidence)
         if self.dist.is_main:
             folder = self.folder(epoch)
             folder.mkdir(parents=True, exist_ok=True)
@@ -167,8 +168,6 @@ class PseudoLabeller:
                     np.save(tmp, label)
             with atomic_write(folder / CONFIDENCE_FILE) as tmp:
                 Path(tmp).write_text(json.dumps(dict(zip([c.case_id for c in self.cases], confidence))))
-        self._use(epoch, labels, confidence)
-        if self.dist.is_main:
             console.print(f"pseudo-labels: {len(labels)} unlabelled case(s) labelled by the model before epoch "
                           f"{epoch + 1} in {time.perf_counter() - t0:.0f} s ({folder}); the "
                           f"{len(self.labelled)} most confident train")
