@@ -12,7 +12,7 @@ from resunet.nets import build_model
 from resunet.train import precision as P
 from resunet.train import trainer as T
 from resunet.train.config import config_from_dict
-from resunet.train.loader import BatchLoader
+from resunet.train.loader import BatchLoader, prefetch_for
 from resunet.train.precision import StepChoice, StepSettings, StepTiming
 from resunet.train.steps import train_step
 
@@ -145,6 +145,25 @@ def test_fit_with_prefetching_trains_exactly_as_without(tiny_dataset, tmp_path):
         rows = (tmp_path / f"p{prefetch}" / "run" / "metrics.csv").read_text().splitlines()
         assert "data_wait" in rows[0]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_prefetch_defaults_to_the_loop_on_the_cpu_and_a_thread_on_cuda(tiny_dataset, tmp_path, monkeypatch):  # noqa: F811
+    assert prefetch_for(None, "cpu") == 0 and prefetch_for(None, torch.device("cuda", 0)) == 1
+    assert prefetch_for(2, "cpu") == 2 and prefetch_for(0, "cuda") == 0  # a configured value is kept
+    seen = []
+
+    class Recording(BatchLoader):
+        def __init__(self, make, count, prefetch=1):
+            seen.append(prefetch)
+            super().__init__(make, count, prefetch)
+
+    monkeypatch.setattr(T, "BatchLoader", Recording)
+    tree = tiny_config(tiny_dataset, tmp_path / "run", **{"stages.0.epochs": 1, "stages.1.epochs": 1,
+                                                          "stages.0.iterations_per_epoch": 2,
+                                                          "stages.1.iterations_per_epoch": 1})
+    assert config_from_dict(tree).prefetch_batches is None
+    T.fit(config_from_dict(tree))
+    assert seen == [0, 0]  # one loader per epoch, none of them threaded on the CPU
 
 
 def _spy_steps(monkeypatch):

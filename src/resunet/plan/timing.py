@@ -66,9 +66,9 @@ def time_training(
     device: torch.device | str = "cpu",
 ) -> StepTiming:
     """Time iterations of ``config``'s first stage on ``cases`` (cached, preprocessed) exactly as
-    the trainer runs them: batches from `BatchLoader` (prefetching as ``config.prefetch_batches``
+    the trainer runs them: batches from `BatchLoader` (prefetching as `prefetch_for`
     says), steps in ``settings``' precision and memory format. Seconds between consecutive steps."""
-    from resunet.train.loader import BatchLoader
+    from resunet.train.loader import BatchLoader, prefetch_for
     from resunet.train.semi_supervised import MeanTeacher
     from resunet.train.steps import train_step
     from resunet.train.trainer import augment_generator, make_batch, make_loss, make_optimizer
@@ -83,7 +83,7 @@ def time_training(
     times, losses = [], []
     t0 = time.perf_counter()
     with BatchLoader(lambda: make_batch(sampler, config.augment, generator, device, settings),
-                     warmup + repeats, config.prefetch_batches) as loader:
+                     warmup + repeats, prefetch_for(config.prefetch_batches, device)) as loader:
         for it, (images, targets) in enumerate(loader):
             if semi is None:
                 losses.append(train_step(model, images, targets, loss_fn, optimizer, scaler, settings.dtype))

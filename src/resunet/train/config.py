@@ -149,9 +149,10 @@ class TrainConfig(_Strict):
         "track fp32's, timed on the first batches and cached per machine (`resunet.train.precision`)")
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
         "auto", description="auto: contiguous or channels-last (channels-last-3d for 3-D), whichever trains faster here")
-    prefetch_batches: int = Field(
-        1, ge=0, le=8, description="batches sampled and augmented in a background thread while the model trains "
-        "(0: in the training loop); the batches are identical either way")
+    prefetch_batches: int | None = Field(
+        None, ge=0, le=8, description="batches sampled and augmented in a background thread while the model trains "
+        "(0: in the training loop; default: 1 on CUDA, 0 on the CPU, where the thread competes with the step for "
+        "the same cores); the batches are identical either way")
     folds: int = Field(
         1, ge=1, le=10, description="K > 1: K-fold cross-validation, one model per fold in <output_dir>/fold_<k> "
         "(fold k validates on the k-th of K seeded parts; data.val_cases / val_fraction are not used), ensembled "

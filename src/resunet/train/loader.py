@@ -4,7 +4,7 @@ Making a batch (patch sampling from the memory-mapped cache, then batched augmen
 optimisation step are independent, so the loader makes batch ``i + 1`` while the model trains
 on batch ``i``. Every batch is made by ONE thread in order, from the same RNGs (the sampler's and
 the epoch's augmentation generator), so the batches are bit-identical to making them in the loop
-(``prefetch=0``); only when they are made changes. ``wait_seconds`` is the time the training loop
+(``prefetch=0``); only when they are made changes. `prefetch_for` decides the default: on CUDA only. ``wait_seconds`` is the time the training loop
 spent blocked waiting for a batch -- the part of the data work the overlap did not hide.
 
 Threads, not processes: the sampler reads memory maps and `augment_batch` runs in PyTorch
@@ -19,10 +19,23 @@ import threading
 import time
 from typing import Callable, Generic, Iterator, TypeVar
 
-__all__ = ["BatchLoader"]
+import torch
+
+__all__ = ["BatchLoader", "prefetch_for"]
 
 T = TypeVar("T")
 _DONE = object()
+
+
+def prefetch_for(prefetch: int | None, device: torch.device | str) -> int:
+    """Batches to make ahead: ``prefetch`` when set, else 1 on CUDA (the CPU makes the next batch
+    while the GPU trains) and 0 on the CPU. There the step already uses every core, and a second
+    thread of PyTorch kernels competes with it: measured on 2 cores, epochs took 17-25 % longer
+    with the thread than without (the demo's 2.5-D base-8 plan and Hippocampus' base-32 plan;
+    benchmarks/RESULTS.md), for identical batches."""
+    if prefetch is not None:
+        return prefetch
+    return 1 if torch.device(device).type == "cuda" else 0
 
 
 class BatchLoader(Generic[T]):

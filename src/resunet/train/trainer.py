@@ -47,7 +47,7 @@ from resunet.model import FINAL_CHECKPOINT, ModelSpec, cache_root, checkpoint_pa
 from resunet.nets import build_model
 from resunet.train.config import StageConfig, TrainConfig, dump_config
 from resunet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from resunet.train.loader import BatchLoader
+from resunet.train.loader import BatchLoader, prefetch_for
 from resunet.train.logger import RunLogger
 from resunet.train.pseudo_labels import PseudoLabeller, labelling_epochs
 from resunet.train.semi_supervised import MeanTeacher, unlabelled_summary
@@ -450,7 +450,7 @@ def _train_epoch(run: _Run, epoch: int, idx: int, stage: StageConfig, sampler: P
         )
         t_iter = time.perf_counter()
         loader = BatchLoader(lambda: make_batch(sampler, config.augment, generator, run.device, run.settings),
-                             stage.iterations_per_epoch, config.prefetch_batches)
+                             stage.iterations_per_epoch, prefetch_for(config.prefetch_batches, run.device))
         with loader:
             for it, (images, targets) in enumerate(loader):
                 if it >= skip and run.stop.agreed(dist_info):  # a signal: every rank stops here
