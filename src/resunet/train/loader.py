@@ -4,8 +4,9 @@ Making a batch (patch sampling from the memory-mapped cache, then batched augmen
 optimisation step are independent, so the loader makes batch ``i + 1`` while the model trains
 on batch ``i``. Every batch is made by ONE thread in order, from the same RNGs (the sampler's and
 the epoch's augmentation generator), so the batches are bit-identical to making them in the loop
-(``prefetch=0``); only when they are made changes. `prefetch_for` decides the default: on CUDA only. ``wait_seconds`` is the time the training loop
-spent blocked waiting for a batch -- the part of the data work the overlap did not hide.
+(``prefetch=0``); only when they are made changes. `prefetch_for` decides the default: on CUDA
+only. ``wait_seconds`` is the time the training loop spent blocked waiting for a batch -- the part
+of the data work the overlap did not hide.
 
 Threads, not processes: the sampler reads memory maps and `augment_batch` runs in PyTorch
 kernels that release the GIL, and a thread shares the RNG state with nothing else, so exact
